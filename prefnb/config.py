@@ -1,0 +1,293 @@
+"""Run parameters: one flat, typed record per run, loaded from YAML and validated.
+
+A run's parameters are resolved from, in order: the dataclass defaults, a profile
+(``params/profiles/<name>.yaml``), one or more params files, then ``--set key=value``
+overrides. Every key is checked before any work starts: an unknown key, a wrong type
+or an out-of-range value raises :class:`ParamsError` with one line that names the key,
+the file it came from and what is allowed (contract 4 of DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+
+TASKS = ("paraphrase", "sonnets", "jsonl")
+SFT_LOSSES = ("kl", "tv", "chi2", "hellinger", "js")
+# Kept in sync with prefnb.losses.PREFERENCE_LOSSES (a test checks it); duplicated here
+# only so that validating a params file does not have to import torch.
+PREFERENCE_OBJECTIVES = ("dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo", "kto")
+OBJECTIVES = ("sft",) + PREFERENCE_OBJECTIVES
+REFERENCE_KINDS = ("policy", "none", "prior")  # or a hub id / local directory
+
+
+class ParamsError(ValueError):
+    """A params file or override is wrong; the message is one line naming key, file and allowed values."""
+
+
+def _spec(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, open_choices=False):
+    """A dataclass field carrying its validation rules and help text as metadata."""
+    meta = dict(help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, open_choices=open_choices)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunParams:
+    """Everything one training/evaluation run depends on. Names are the study's vocabulary."""
+
+    # --- what to learn from -------------------------------------------------------------
+    experiment: str = _spec("adhoc", "experiment name; groups runs under outputs/<experiment>/")
+    task: str = _spec("paraphrase", "study task or user data", choices=TASKS)
+    data_dir: Optional[str] = _spec(None, "study data directory (default: $PREFNB_DATA, then ../shared/data)")
+    data_path: Optional[str] = _spec(None, "task=jsonl: a JSONL file or a Hugging Face dataset id")
+    data_seed: int = _spec(0, "seed of the train/dev/test split (kept apart from `seed`)", min=0)
+    train_size: float = _spec(1.0, "fraction of the training split to use", min=0.0, max=1.0, min_exclusive=True)
+    max_train_examples: int = _spec(0, "cap on training examples after train_size (0 = no cap)", min=0)
+    max_eval_examples: int = _spec(0, "cap on dev examples used for evaluation (0 = no cap)", min=0)
+    rejected_source: str = _spec(
+        "sampled", "sonnet preference pairs: rejected continuation sampled from the reference model, "
+        "or another sonnet's continuation", choices=("sampled", "other"))
+    # --- model --------------------------------------------------------------------------
+    model: str = _spec("tiny", "'tiny' (built from a config, no files), a hub id, or a local directory")
+    init_from: Optional[str] = _spec(None, "run directory (or checkpoint) of an earlier run to start from")
+    lora_r: int = _spec(0, "LoRA rank; 0 = full fine-tuning", min=0)
+    lora_alpha: float = _spec(16.0, "LoRA scaling numerator (scale = alpha / r)", min=0.0, min_exclusive=True)
+    lora_dropout: float = _spec(0.05, "dropout on the LoRA branch", min=0.0, max=0.99)
+    lora_target_modules: str = _spec("auto", "comma-separated module names, or 'auto' (attention + MLP)")
+    # --- objective ----------------------------------------------------------------------
+    objective: str = _spec("sft", "'sft' or a preference loss", choices=OBJECTIVES)
+    sft_loss: str = _spec("kl", "f-divergence of the SFT token loss (kl = NLL)", choices=SFT_LOSSES)
+    reference: str = _spec(
+        "policy", "'policy' (frozen starting policy), 'none' (probability reward), 'prior' (p(y) without "
+        "the prompt), or a hub id / local directory", choices=REFERENCE_KINDS, open_choices=True)
+    beta: float = _spec(0.1, "inverse temperature of the implicit reward", min=0.0, min_exclusive=True)
+    label_smoothing: float = _spec(0.1, "cdpo/robust only: assumed preference-label noise", min=0.0, max=0.499)
+    simpo_gamma: float = _spec(0.5, "simpo: target reward margin", min=0.0)
+    cpo_alpha: float = _spec(1.0, "cpo: weight of the NLL term on chosen", min=0.0)
+    # --- optimisation -------------------------------------------------------------------
+    learning_rate: float = _spec(5e-5, "AdamW peak learning rate", min=0.0, min_exclusive=True)
+    lr_schedule: str = _spec("linear", "decay after warmup", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = _spec(0, "linear warmup steps", min=0)
+    weight_decay: float = _spec(0.0, "AdamW weight decay", min=0.0)
+    batch_size: int = _spec(8, "examples (or pairs) per optimizer step per device, before accumulation", min=1)
+    grad_accum_steps: int = _spec(1, "micro-batches accumulated per optimizer step", min=1)
+    max_grad_norm: float = _spec(1.0, "gradient clipping norm; 0 = off", min=0.0)
+    max_steps: int = _spec(100, "optimizer steps", min=1)
+    max_length: int = _spec(512, "max tokens of prompt + completion (prompt truncated from the left)", min=8)
+    seed: int = _spec(0, "seed of initialisation, data order and sampling", min=0)
+    precision: str = _spec("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere", choices=("auto", "fp32", "bf16"))
+    # --- evaluation and logging ---------------------------------------------------------
+    eval_every: int = _spec(0, "evaluate every N steps and keep the best checkpoint (0 = at the end only)", min=0)
+    log_every: int = _spec(10, "steps between history.jsonl rows (the only host syncs of the loop)", min=1)
+    save_every: int = _spec(0, "steps between resumable training states (0 = none)", min=0)
+    generation: str = _spec("greedy", "sonnet decoding", choices=("greedy", "top_p"))
+    top_p: float = _spec(0.9, "nucleus mass for generation=top_p", min=0.0, max=1.0, min_exclusive=True)
+    temperature: float = _spec(1.0, "sampling temperature", min=0.0, min_exclusive=True)
+    max_new_tokens: int = _spec(128, "tokens generated per sonnet continuation", min=1)
+    eval_batch_size: int = _spec(32, "examples per evaluation forward / generate call", min=1)
+    # --- where things go ----------------------------------------------------------------
+    output_dir: Optional[str] = _spec(None, "run directory (default: outputs/<experiment>/<run_id>)")
+    cache_dir: Optional[str] = _spec(None, "reference log-prob / sample cache (default: outputs/.cache)")
+
+    # ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def is_preference(self) -> bool:
+        return self.objective != "sft"
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_r > 0
+
+    def run_id(self) -> str:
+        """Stable id from the resolved parameters that change results (contract 3).
+
+        Output locations are left out so that moving the outputs folder keeps ids.
+        """
+        identity = {k: v for k, v in self.to_dict().items() if k not in _LOCATION_KEYS}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.task}-{self.objective}-{digest}"
+
+    def resolved_output_dir(self, outputs_root: str | Path = "outputs") -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(outputs_root) / self.experiment / self.run_id()
+
+
+_LOCATION_KEYS = frozenset({"output_dir", "cache_dir", "data_dir"})
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunParams)}
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
+def _base_type(annotation: str) -> tuple[type, bool]:
+    """(python type, optional?) of a field annotation written as a string."""
+    hint = typing.get_type_hints(RunParams)[annotation]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _describe(f: dataclasses.Field) -> str:
+    m = f.metadata
+    typ, optional = _base_type(f.name)
+    if m["choices"]:
+        allowed = "one of " + ", ".join(m["choices"])
+        if m["open_choices"]:
+            allowed += ", or a model id/path"
+        return allowed
+    parts = [{int: "an integer", float: "a number", str: "a string", bool: "true/false"}[typ]]
+    if m["min"] is not None:
+        parts.append(f"{'>' if m['min_exclusive'] else '>='} {m['min']}")
+    if m["max"] is not None:
+        parts.append(f"<= {m['max']}")
+    if optional:
+        parts.append("or null")
+    return " ".join(parts)
+
+
+def coerce_value(key: str, value: Any, source: str) -> Any:
+    """Check one (key, value) against RunParams; return the value in the field's type."""
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ParamsError(f"{source}: unknown key '{key}'{hint}; see `prefnb params` for the allowed keys")
+    f = FIELDS[key]
+    typ, optional = _base_type(key)
+    bad = ParamsError(f"{source}: key '{key}' must be {_describe(f)}, got {value!r}")
+    if value is None:
+        if optional:
+            return None
+        raise bad
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif typ is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and f.metadata["choices"] is None:
+            value = str(value)  # e.g. `model: 123` is a path-like string, not a type error
+        if not isinstance(value, str):
+            raise bad
+    m = f.metadata
+    if m["choices"] and value not in m["choices"] and not m["open_choices"]:
+        raise bad
+    if m["min"] is not None and (value < m["min"] or (m["min_exclusive"] and value == m["min"])):
+        raise bad
+    if m["max"] is not None and value > m["max"]:
+        raise bad
+    return value
+
+
+def _check_combination(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Rules that involve two keys."""
+    def src(key):
+        return sources.get(key, "defaults")
+
+    if values["task"] == "jsonl" and not values["data_path"]:
+        raise ParamsError(f"{src('task')}: task 'jsonl' needs key 'data_path' (a JSONL file or a dataset id)")
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` → (key, YAML-parsed value); `beta=0.1` gives a float, `init_from=null` None."""
+    if "=" not in text:
+        raise ParamsError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_params(
+    layers: Iterable[tuple[str, Mapping[str, Any]]],
+) -> RunParams:
+    """Merge (source name, mapping) layers in order, validate every key, build RunParams."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for source, mapping in layers:
+        for key, value in mapping.items():
+            values[key] = coerce_value(str(key), value, source)
+            sources[key] = source
+    merged = {**RunParams().to_dict(), **values}
+    _check_combination(merged, sources)
+    return RunParams(**merged)
+
+
+def load_params(
+    files: Iterable[str | Path] = (),
+    overrides: Iterable[str] = (),
+    profile: str | Path | None = None,
+) -> RunParams:
+    """Profile, then params files, then `key=value` overrides → validated RunParams."""
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if profile is not None:
+        layers.append((str(profile_path(profile)), read_yaml_mapping(profile_path(profile))))
+    layers += [(str(p), read_yaml_mapping(p)) for p in files]
+    layers.append(("--set", dict(parse_override(o) for o in overrides)))
+    return resolve_params(layers)
+
+
+def params_root() -> Path:
+    """The project's params/ folder (next to the package in a source checkout, else ./params)."""
+    here = Path(__file__).resolve().parent.parent / "params"
+    return here if here.is_dir() else Path("params")
+
+
+def profile_path(profile: str | Path) -> Path:
+    """A profile name (`smoke`, `gpt2`) or a path to a YAML file."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    candidate = params_root() / "profiles" / f"{profile}.yaml"
+    if not candidate.is_file():
+        known = sorted(q.stem for q in (params_root() / "profiles").glob("*.yaml"))
+        raise ParamsError(f"profile '{profile}' not found in {candidate.parent} (known: {', '.join(known)})")
+    return candidate
+
+
+def save_params(params: RunParams, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+
+
+def describe_params() -> str:
+    """A table of every key, its default and what it allows (for `prefnb params`)."""
+    rows = []
+    for name, f in FIELDS.items():
+        rows.append(f"{name:22s} {str(f.default):12s} {_describe(f)} — {f.metadata['help']}")
+    return "\n".join(rows)

@@ -1,0 +1,58 @@
+"""The run directory contract (DESIGN.md contract 3): atomic files and the completion marker.
+
+A run is finished exactly when ``<run_dir>/COMPLETE`` exists. Every other file is written
+atomically (temporary file + rename), and the marker is written last, so a run killed at
+any moment — SIGKILL included — never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MARKER = "COMPLETE"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either its old content or all of the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / MARKER).is_file()
+
+
+def mark_finished(run_dir: str | Path) -> None:
+    """Write the completion marker: the last write of a run."""
+    atomic_write_json(Path(run_dir) / MARKER, {"finished_at": now_iso()})
+
+
+def clear_finished(run_dir: str | Path) -> None:
+    (Path(run_dir) / MARKER).unlink(missing_ok=True)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
