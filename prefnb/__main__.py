@@ -1,0 +1,5 @@
+import sys
+
+from prefnb.cli import main
+
+sys.exit(main())
