@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,12 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise bad
         value = float(value)
     elif typ is str:
@@ -257,7 +263,7 @@ def load_params(
     """Profile, then params files, then `key=value` overrides → validated RunParams."""
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if profile is not None:
-        layers.append((str(profile_path(profile)), read_yaml_mapping(profile_path(profile))))
+        layers.append((str(profile_path(profile)), read_profile(profile)[0]))
     layers += [(str(p), read_yaml_mapping(p)) for p in files]
     layers.append(("--set", dict(parse_override(o) for o in overrides)))
     return resolve_params(layers)
@@ -279,6 +285,16 @@ def profile_path(profile: str | Path) -> Path:
         known = sorted(q.stem for q in (params_root() / "profiles").glob("*.yaml"))
         raise ParamsError(f"profile '{profile}' not found in {candidate.parent} (known: {', '.join(known)})")
     return candidate
+
+
+def read_profile(profile: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A profile file: flat run keys at the top level, plus an optional ``study:`` section
+    (grid overrides and named models for `prefnb study`) that runs never see."""
+    data = read_yaml_mapping(profile_path(profile))
+    study = data.pop("study", None) or {}
+    if not isinstance(study, dict):
+        raise ParamsError(f"{profile_path(profile)}: key 'study' must be a mapping")
+    return data, study
 
 
 def save_params(params: RunParams, path: str | Path) -> None:

@@ -111,9 +111,22 @@ def _per_token(logps: Tensor, lengths: Tensor | None, kind: str) -> Tensor:
     return logps / lengths.to(logps.dtype).clamp(min=1.0)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 − eˣ) for x < 0, switching form at −ln 2 to avoid cancellation (Mächler 2012)."""
-    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 − eˣ) for x < 0, switching form at −ln 2 to avoid cancellation (Mächler 2012).
+
+    torch.where back-propagates through both forms, and the unused one's infinite gradient
+    times 0 is NaN (log1p(−eˣ) at x ≈ 0, e.g. a response the model is sure of), so each form
+    only sees inputs where it is used. x = 0 (P(y) = 1 exactly in float32) is clamped to the
+    smallest normal negative number, which keeps log(1 − P) finite (≈ −87 in float32).
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    small = x < -math.log(2.0)
+    return torch.where(small, torch.log1p(-torch.exp(torch.where(small, x, -1.0))),
+                       torch.log(-torch.expm1(torch.where(small, -0.5, x))))
 
 
 def dpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
@@ -177,6 +190,11 @@ def cpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, cpo
     """CPO (Xu et al. 2024, Eq. 3 + the NLL regulariser of Eq. 4), reference-free.
 
     −log σ(β[log π(y_w) − log π(y_l)]) + α · NLL(y_w), NLL per token of the chosen response.
+
+    Differs from TRL by design in one point: TRL's NLL is the token mean over all chosen
+    tokens of the batch, ours the per-token NLL of each pair (so the batch mean weighs
+    every pair equally, like the preference term). They agree when the chosen responses of
+    a batch have equal lengths (tests/test_losses_trl.py checks both facts).
     """
     losses = -F.logsigmoid(beta * (pc - pr))
     if cpo_alpha:
@@ -188,9 +206,16 @@ def orpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
     """ORPO (Hong et al. 2024, Eqs. 4–7), reference-free: NLL(y_w) − β log σ(log odds ratio).
 
     odds(y) = P(y)/(1 − P(y)) with P(y) the per-token-averaged probability exp(log π(y)/|y|).
+
+    Differs from TRL by design in the NLL term: TRL's runs over the prompt and the response
+    and is a token mean over the batch; ours is the per-token NLL of the chosen response
+    only (the prompt is not trained on, as in our SFT and CPO), per pair. The odds-ratio
+    term equals TRL's. TRL computes it in float32; we keep float64 inputs in float64.
     """
-    chosen = _per_token(pc, chosen_lengths, "orpo").float()
-    rejected = _per_token(pr, rejected_lengths, "orpo").float()
+    # log1mexp loses the P → 1 tail in half precision, so compute in float32 at least (TRL
+    # always casts to float32; float64 inputs stay float64 here, so tests can compare to 1e-6).
+    chosen = _at_least_float32(_per_token(pc, chosen_lengths, "orpo"))
+    rejected = _at_least_float32(_per_token(pr, rejected_lengths, "orpo"))
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
     losses = -chosen - beta * F.logsigmoid(log_odds)
     return losses, beta * chosen.detach(), beta * rejected.detach()
@@ -204,7 +229,8 @@ def kto(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, kl=
     z₀ ≈ KL(π ‖ π_ref) is not back-propagated through. Pass ``kl`` (a scalar) to fix it;
     by default it is the batch mean of all 2B log-ratios, clamped at 0 — the in-batch
     estimate, since paired data gives no mismatched completions to estimate it with.
-    The ½ makes the mean over pairs equal TRL's mean over its 2B unpaired examples.
+    The ½ makes the mean over pairs equal TRL's mean over its 2B unpaired examples. A
+    ``kl`` passed in is used as given; TRL clamps its (mismatched-pair) estimate at 0 first.
     """
     chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
     if kl is None:
@@ -233,11 +259,18 @@ REFERENCE_FREE = frozenset({"simpo", "cpo", "orpo"})
 
 def loss_options(kind: str) -> tuple[str, ...]:
     """Names of the extra keyword options a preference loss accepts (e.g. label_smoothing)."""
-    params = inspect.signature(PREFERENCE_LOSSES[kind]).parameters
+    params = inspect.signature(_preference_fn(kind)).parameters
     return tuple(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _COMMON)
 
 
 _COMMON = frozenset({"beta", "chosen_lengths", "rejected_lengths"})
+
+
+def _preference_fn(kind: str) -> Callable:
+    try:
+        return PREFERENCE_LOSSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown preference loss '{kind}'; choose from {sorted(PREFERENCE_LOSSES)}") from None
 
 
 def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -256,9 +289,6 @@ def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen
     Returns:
         (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are detached.
     """
-    try:
-        fn = PREFERENCE_LOSSES[kind]
-    except KeyError:
-        raise ValueError(f"unknown preference loss '{kind}'; choose from {sorted(PREFERENCE_LOSSES)}") from None
+    fn = _preference_fn(kind)
     return fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
               beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)

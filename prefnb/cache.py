@@ -1,0 +1,44 @@
+"""A content-addressed disk cache for work that many runs share (contract 6 of DESIGN.md).
+
+Reference log-probs depend only on (reference weights, data, tokenizer, max length, prior
+or not); sampled rejected responses only on (sampling model, prompts, decoding settings).
+Keying on those — not on the run — lets a β sweep or the seven variants compute them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached(cache_dir: Path, kind: str, key: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """Load ``<cache_dir>/<kind>/<key>.pt`` or compute and store it atomically. Returns (value, hit)."""
+    path = Path(cache_dir) / kind / f"{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=False), True
+        except Exception as err:  # a torn or foreign file: recompute rather than fail the run
+            log.warning("ignoring unreadable cache file %s (%s)", path, err)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return value, False

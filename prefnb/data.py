@@ -1,0 +1,499 @@
+"""Task data: read the study files, build prompt/completion and preference rows, split, hash.
+
+Rows are plain dicts with TRL's column names (``prompt``/``completion`` for SFT,
+``prompt``/``chosen``/``rejected`` for preference pairs); tokenization lives elsewhere.
+Every problem with the data raises :class:`DataError` with a one-line message that names
+the file and, where it helps, the line or row (contract 7 of DESIGN.md).
+
+Facts about the real files (``../shared/data``) that the readers below rely on:
+
+* ``quora-pairs.tsv`` was written by pandas from a source whose fields were already
+  CSV-quoted, so ~700 question fields come out of the ``csv`` module still wrapped once
+  more (``"What does ""x"" mean?"``); :func:`_unwrap_quoted` undoes that second level.
+  Two rows are malformed (file lines 2191 and 12101: an empty label, and an empty
+  second question + label); they are logged and skipped.
+* The sonnet files have CRLF line endings and all four start with the 7-line Folger
+  header (plus blank lines). Folger's sonnet 99 has 15 lines and 126 has 12, so a
+  "14-line" file accepts 12-15 lines per sonnet; prompt files need exactly 3.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+QUORA_FILE = "quora-pairs.tsv"
+SONNET_FILES = {"train": "sonnets-train.txt", "dev": "sonnets-dev.txt",
+                "dev_prompts": "sonnets-dev-prompts.txt", "test_prompts": "sonnets-test-prompts.txt"}
+DATA_HINT = "set `data_dir` in the params or the PREFNB_DATA environment variable"
+
+# Paraphrase is a cloze: both questions in the prompt, the answer is the next word. The
+# leading space makes " yes"/" no" ordinary word tokens for BPE tokenizers; evaluation
+# scores each answer by the summed log-probability of its tokens, so multi-token is fine.
+PARAPHRASE_PROMPT = 'Question 1: "{q1}"\nQuestion 2: "{q2}"\nAre these questions asking the same thing? Answer:'
+ANSWERS = {True: " yes", False: " no"}
+# Sonnets: the model sees the first PROMPT_LINES lines and continues with the rest.
+PROMPT_LINES = 3
+
+
+class DataError(ValueError):
+    """The data is missing or malformed; the message names the file (and line/row)."""
+
+
+@dataclass(frozen=True)
+class QuoraPair:
+    pair_id: str
+    question1: str
+    question2: str
+    is_duplicate: bool
+
+    @property
+    def prompt(self) -> str:
+        return PARAPHRASE_PROMPT.format(q1=self.question1, q2=self.question2)
+
+
+@dataclass(frozen=True)
+class Sonnet:
+    number: int
+    lines: tuple[str, ...]  # stripped; all of them, whatever their number (99 has 15, 126 has 12)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+    @property
+    def prompt(self) -> str:  # the first PROMPT_LINES lines, newline-terminated
+        return "\n".join(self.lines[:PROMPT_LINES]) + "\n"
+
+    @property
+    def continuation(self) -> str:  # the rest, so that prompt + continuation == text
+        return "\n".join(self.lines[PROMPT_LINES:]) + "\n"
+
+
+# --- where the data is -------------------------------------------------------------------
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The study data folder: `data_dir`, else $PREFNB_DATA, else ../shared/data.
+
+    The fallback is looked for next to the project root (the folder holding `prefnb/`),
+    then next to the working directory. An explicit choice that does not exist is an
+    error rather than a silent fallback, so a typo never trains on other data.
+    """
+    if data_dir:
+        candidates, source = [Path(data_dir).expanduser()], "data_dir"
+    elif os.environ.get("PREFNB_DATA"):
+        candidates, source = [Path(os.environ["PREFNB_DATA"]).expanduser()], "PREFNB_DATA"
+    else:
+        project_root = Path(__file__).resolve().parents[1]
+        candidates = [project_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+        source = "default"
+    for path in candidates:
+        if path.is_dir():
+            return path
+    tried = ", ".join(str(p) for p in dict.fromkeys(candidates))
+    raise DataError(f"data directory not found (from {source}; tried {tried}): {DATA_HINT}")
+
+
+def data_file(data_dir: str | os.PathLike, name: str = "", hint: str = DATA_HINT) -> Path:
+    """`data_dir / name` if it is a file, else a DataError naming the file and what to set."""
+    path = Path(data_dir) / name
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found: {hint}")
+    return path
+
+
+# --- Quora pairs -------------------------------------------------------------------------
+QUORA_COLUMNS = ["id", "sentence1", "sentence2", "is_duplicate"]  # after the pandas index
+_LABELS = {"0": False, "1": True, "0.0": False, "1.0": True}
+
+
+def _unwrap_quoted(text: str) -> str:
+    """Undo one more level of CSV quoting: '"What does ""x"" mean?"' → 'What does "x" mean?'.
+
+    Only a field that is wrapped in quotes and has nothing but doubled quotes inside is
+    unwrapped, so a question that merely starts with a quotation is left alone.
+    """
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1].replace('""', ""):
+        return text[1:-1].replace('""', '"')
+    return text
+
+
+def _parse_quora_row(row: list[str]) -> QuoraPair | str:
+    """A QuoraPair, or a string saying what is wrong with the row."""
+    if len(row) != 5:
+        return f"expected 5 tab-separated fields, got {len(row)}"
+    _, pair_id, q1, q2, label = (_unwrap_quoted(x.strip()).strip() for x in row)
+    problems = [f"empty {name}" for name, q in (("sentence1", q1), ("sentence2", q2)) if not q]
+    if label not in _LABELS:
+        problems.append(f"is_duplicate label {label!r} is not 0/1" if label else "missing is_duplicate label")
+    return "; ".join(problems) if problems else QuoraPair(pair_id, q1, q2, _LABELS[label])
+
+
+def read_quora(path: str | os.PathLike, problems: list[str] | None = None) -> list[QuoraPair]:
+    """Read the Quora pairs TSV; malformed rows are logged (file:line) and skipped.
+
+    If `problems` is given, one "file:line: what" string per skipped row is appended to
+    it (the `prefnb data` summary counts them). A missing file, a wrong header or no
+    valid row at all is a DataError.
+    """
+    path = data_file(path)
+    pairs: list[QuoraPair] = []
+    skipped = [] if problems is None else problems
+    n_before = len(skipped)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if header is None or header[1:] != QUORA_COLUMNS:
+                expected = "\t".join(["<index>"] + QUORA_COLUMNS)
+                raise DataError(f"{path}:1: expected the header {expected!r}, got {header!r}")
+            last_line = reader.line_num
+            for row in reader:
+                first_line, last_line = last_line + 1, reader.line_num
+                parsed = _parse_quora_row(row)
+                if isinstance(parsed, QuoraPair):
+                    pairs.append(parsed)
+                else:  # a row over several lines is most likely an unclosed quote: say so
+                    span = "" if first_line == last_line else f"-{last_line} (unclosed quote?)"
+                    where = f"{first_line}{span}"
+                    skipped.append(f"{path}:{where}: {parsed}")
+                    log.warning("skipping malformed row: %s", skipped[-1])
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as UTF-8 tab-separated text ({err})") from None
+    if len(skipped) > n_before:
+        log.warning("%s: skipped %d malformed row(s), kept %d", path, len(skipped) - n_before, len(pairs))
+    if not pairs:
+        raise DataError(f"{path}: no valid question pairs found")
+    return pairs
+
+
+# --- Sonnets -----------------------------------------------------------------------------
+_NUMBER = re.compile(r"\d+")
+
+
+def read_sonnets(path: str | os.PathLike, n_lines: int = 14) -> list[Sonnet]:
+    """Read a sonnet file: an optional header, then blocks of `number`, blank line, lines.
+
+    Each line is stripped of CR and surrounding whitespace (so the couplet's indent goes).
+    Everything before the first line holding only a number is the edition header. Prompt
+    files (n_lines <= 3) need exactly n_lines per block; full sonnets may have n_lines-2 to
+    n_lines+1, because real sonnets vary (Folger's 99 has 15 lines, 126 has 12) and all
+    their lines are kept. Any other count is a DataError naming file, sonnet and line.
+    """
+    path = data_file(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    i = next((k for k, line in enumerate(lines) if _NUMBER.fullmatch(line)), None)
+    if i is None:
+        raise DataError(f"{path}: no sonnet found (expected a sonnet number alone on a line)")
+    log.debug("%s: skipping a %d-line header", path, i)
+    allowed = range(n_lines, n_lines + 1) if n_lines <= PROMPT_LINES else range(n_lines - 2, n_lines + 2)
+    sonnets, seen = [], set()
+    while i < len(lines):
+        if not lines[i]:  # blank lines between sonnets
+            i += 1
+            continue
+        if not _NUMBER.fullmatch(lines[i]):
+            raise DataError(f"{path}:{i + 1}: expected a sonnet number alone on a line, got {lines[i]!r}")
+        number, start = int(lines[i]), i + 1
+        if number in seen:
+            raise DataError(f"{path}:{start}: sonnet {number} appears twice")
+        seen.add(number)
+        i += 1
+        while i < len(lines) and not lines[i]:  # the blank line after the number
+            i += 1
+        body = []
+        while i < len(lines) and lines[i]:
+            if _NUMBER.fullmatch(lines[i]):
+                raise DataError(f"{path}:{i + 1}: sonnet {number}: line is a bare number "
+                                f"(missing blank line before sonnet {lines[i]}?)")
+            body.append(lines[i])
+            i += 1
+        if len(body) not in allowed:
+            accepted = f" (accepted: {allowed[0]}-{allowed[-1]})" if len(allowed) > 1 else ""
+            raise DataError(f"{path}:{start}: sonnet {number} has {len(body)} lines, "
+                            f"expected {n_lines}{accepted}")
+        sonnets.append(Sonnet(number, tuple(body)))
+    return sonnets
+
+
+# --- splits, row builders ----------------------------------------------------------------
+def split_indices(n: int, data_seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, list[int]]:
+    """A seeded permutation of range(n) cut into train/dev/test by `fractions`.
+
+    Cuts are at rounded cumulative fractions; a split with a positive fraction gets at
+    least one item when n allows it (so a small user file still has a dev split).
+    """
+    if n < 0 or len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split_indices: need n >= 0 and 3 fractions >= 0 summing to 1, got {n}, {fractions}")
+    sizes = np.diff([0] + [math.floor(c * n + 0.5) for c in np.cumsum(fractions)]).tolist()
+    sizes[-1] = n - sum(sizes[:-1])
+    for k, frac in enumerate(fractions):
+        largest = int(np.argmax(sizes))
+        if frac > 0 and sizes[k] == 0 and sizes[largest] > 1:
+            sizes[k], sizes[largest] = 1, sizes[largest] - 1
+    order = np.random.Generator(np.random.PCG64(data_seed)).permutation(n).tolist()
+    ends = np.cumsum(sizes).tolist()
+    return {name: order[e - s:e] for name, s, e in zip(("train", "dev", "test"), sizes, ends)}
+
+
+def paraphrase_sft_rows(pairs: Iterable[QuoraPair]) -> list[dict]:
+    return [{"prompt": p.prompt, "completion": ANSWERS[p.is_duplicate]} for p in pairs]
+
+
+def paraphrase_preference_rows(pairs: Iterable[QuoraPair]) -> list[dict]:
+    return [{"prompt": p.prompt, "chosen": ANSWERS[p.is_duplicate],
+             "rejected": ANSWERS[not p.is_duplicate]} for p in pairs]
+
+
+def paraphrase_eval_rows(pairs: Iterable[QuoraPair]) -> list[dict]:
+    return [{"prompt": p.prompt, "label": int(p.is_duplicate)} for p in pairs]
+
+
+def sonnet_sft_rows(sonnets: Iterable[Sonnet]) -> list[dict]:
+    return [{"prompt": s.prompt, "completion": s.continuation} for s in sonnets]
+
+
+def sonnet_preference_rows(sft_rows: Sequence[dict], rejected: Sequence[str]) -> list[dict]:
+    """Pairs with the true continuation as chosen and the given texts (e.g. samples) as rejected."""
+    if len(sft_rows) != len(rejected):
+        raise ValueError(f"sonnet_preference_rows: {len(sft_rows)} rows but {len(rejected)} rejected texts")
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": x}
+            for r, x in zip(sft_rows, rejected)]
+    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    if same:  # legitimate (a model that memorised the sonnet) but such a pair teaches nothing
+        log.warning("%d of %d preference pairs have rejected == chosen", same, len(rows))
+    return rows
+
+
+def other_continuations(sft_rows: Sequence[dict], seed: int) -> list[str]:
+    """For each row, the completion of a different row: a seeded random cyclic derangement.
+
+    Rows are visited in a random order and each takes its successor's completion, which is
+    never itself for n >= 2 (a single random cycle, not a uniform derangement; enough here).
+    """
+    n = len(sft_rows)
+    if n < 2:
+        raise ValueError(f"other_continuations: need at least 2 rows, got {n}")
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    other = [0] * n
+    for pos, i in enumerate(order):
+        other[i] = int(order[(pos + 1) % n])
+    return [sft_rows[j]["completion"] for j in other]
+
+
+def sonnet_eval_rows(full_sonnets: Sequence[Sonnet], prompt_sonnets: Sequence[Sonnet],
+                     source: str = "") -> list[dict]:
+    """One row per prompt sonnet: its prompt, the true continuation and the whole true sonnet.
+
+    `source` (e.g. the two file names) prefixes error messages.
+    """
+    prefix = f"{source}: " if source else ""
+    by_number = {s.number: s for s in full_sonnets}
+    rows = []
+    for p in prompt_sonnets:
+        full = by_number.get(p.number)
+        if full is None:
+            raise DataError(f"{prefix}sonnet {p.number} has a prompt but no full text to score against")
+        if tuple(p.lines[:PROMPT_LINES]) != full.lines[:PROMPT_LINES]:
+            raise DataError(f"{prefix}sonnet {p.number}: the prompt lines differ from the full sonnet's first "
+                            f"{PROMPT_LINES} lines")
+        rows.append({"prompt": full.prompt, "reference": full.continuation, "full_reference": full.text})
+    return rows
+
+
+# --- the user's own data -----------------------------------------------------------------
+SFT_COLUMNS = ("prompt", "completion")
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """One JSON object per line; blank lines are skipped; a bad line is 'file:line: ...'."""
+    path = data_file(path, hint="check `data_path`")
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def validate_rows(rows: Sequence[dict], source: str) -> list[dict]:
+    """Check that all rows are SFT (prompt, completion) or all preference (prompt, chosen,
+    rejected) rows with non-empty strings; return them reduced to those columns."""
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    columns = PREFERENCE_COLUMNS if {"chosen", "rejected"} <= rows[0].keys() else SFT_COLUMNS
+    for k, row in enumerate(rows, start=1):
+        for col in columns:
+            if col not in row:
+                raise DataError(f"{source}: row {k}: missing column '{col}' (rows need "
+                                f"{'+'.join(SFT_COLUMNS)} or {'+'.join(PREFERENCE_COLUMNS)})")
+            if not isinstance(row[col], str) or not row[col].strip():
+                raise DataError(f"{source}: row {k}: column '{col}' must be a non-empty string, "
+                                f"got {row[col]!r:.60}")
+    return [{col: row[col] for col in columns} for row in rows]
+
+
+def load_user_rows(data_path: str) -> list[dict]:
+    """A local JSONL file, or else a Hugging Face dataset (its train split); validated."""
+    if str(data_path).endswith(".jsonl") or Path(data_path).is_file():
+        return validate_rows(read_jsonl(data_path), str(data_path))
+    try:
+        import datasets
+        rows = list(datasets.load_dataset(data_path, split="train"))
+    except Exception as err:  # offline, unknown id, bad files: all the same advice
+        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        raise DataError(f"{data_path}: the dataset could not be loaded ({why}); "
+                        "pass a local JSONL file instead") from None
+    return validate_rows(rows, str(data_path))
+
+
+# --- hashing -----------------------------------------------------------------------------
+def dataset_hash(rows: Iterable[Any]) -> str:
+    """sha256 of the rows as canonical JSON (sorted keys), one row per line."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update((json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- one run's data ----------------------------------------------------------------------
+@dataclass
+class TaskData:
+    task: str
+    train_sft: list[dict]           # {"prompt","completion"}; preference data: chosen as completion
+    train_pairs: list[dict] | None  # {"prompt","chosen","rejected"}; None: SFT-only data, or the caller
+                                    # samples rejected sonnets and calls sonnet_preference_rows
+    dev_eval: list[dict]            # paraphrase {"prompt","label"}; sonnets {"prompt","reference",
+                                    # "full_reference"}; jsonl: the dev rows themselves
+    dev_pairs: list[dict]           # dev preference pairs for implicit-reward accuracy ([] for SFT-only data)
+    test_prompts: list[str]         # sonnets only
+    source_files: dict[str, str]    # file name -> sha256
+    stats: dict[str, int] = field(default_factory=dict)  # rows read / skipped / split sizes, for summaries
+
+    def hashes(self) -> dict[str, str]:
+        splits = {"train_sft": self.train_sft, "train_pairs": self.train_pairs, "dev_eval": self.dev_eval,
+                  "dev_pairs": self.dev_pairs, "test_prompts": self.test_prompts}
+        return {name: dataset_hash(rows) for name, rows in splits.items() if rows}
+
+
+def _train_subset(items: list, params) -> list:
+    """The first round(train_size * n) items (at least one), then at most max_train_examples.
+
+    Taking a prefix of a seeded order makes smaller train sizes nested subsets of larger ones.
+    """
+    k = max(1, math.floor(params.train_size * len(items) + 0.5))
+    return _cap(items[:k], params.max_train_examples)
+
+
+def _cap(rows: list, k: int) -> list:
+    """At most k rows (k = 0: all)."""
+    return rows[:k] if k > 0 else rows
+
+
+def _stats(read: int, skipped: int, split: dict[str, list]) -> dict[str, int]:
+    return {"rows_read": read, "rows_skipped": skipped, **{f"{k}_split": len(v) for k, v in split.items()}}
+
+
+def _load_paraphrase(params) -> TaskData:
+    path = data_file(resolve_data_dir(params.data_dir), QUORA_FILE)
+    problems: list[str] = []
+    pairs = read_quora(path, problems)
+    split = split_indices(len(pairs), params.data_seed)
+    train = _train_subset([pairs[i] for i in split["train"]], params)
+    dev = _cap([pairs[i] for i in split["dev"]], params.max_eval_examples)
+    stats = _stats(len(pairs) + len(problems), len(problems), split)
+    return TaskData("paraphrase", paraphrase_sft_rows(train), paraphrase_preference_rows(train),
+                    paraphrase_eval_rows(dev), paraphrase_preference_rows(dev), [],
+                    {path.name: file_sha256(path)}, stats)
+
+
+def _load_sonnets(params) -> TaskData:
+    data_dir = resolve_data_dir(params.data_dir)
+    paths = {key: data_file(data_dir, name) for key, name in SONNET_FILES.items()}
+    train_all = read_sonnets(paths["train"])
+    dev_full = read_sonnets(paths["dev"])
+    dev_prompts = read_sonnets(paths["dev_prompts"], n_lines=PROMPT_LINES)
+    test = read_sonnets(paths["test_prompts"], n_lines=PROMPT_LINES)
+    # A seeded order, so that train_size < 1 keeps a random subset rather than the first
+    # sonnets of the cycle (1-17 all urge a young man to marry).
+    order = np.random.Generator(np.random.PCG64(params.data_seed)).permutation(len(train_all)).tolist()
+    train = _train_subset([train_all[i] for i in order], params)
+    train_sft = sonnet_sft_rows(train)
+    train_pairs = None
+    if params.rejected_source == "other" and len(train_sft) >= 2:
+        train_pairs = sonnet_preference_rows(train_sft, other_continuations(train_sft, params.seed))
+    elif params.rejected_source == "other":
+        raise DataError("task 'sonnets': rejected_source 'other' needs at least 2 training sonnets; "
+                        "raise train_size or max_train_examples")
+    dev_eval = sonnet_eval_rows(dev_full, dev_prompts, f"{paths['dev_prompts']} vs {paths['dev'].name}")
+    # Dev pairs use data_seed, not seed: the yardstick must not move with the training seed.
+    numbers = {s.number for s in dev_prompts}
+    dev_sft = sonnet_sft_rows([s for s in dev_full if s.number in numbers])
+    dev_pairs = [] if len(dev_sft) < 2 else sonnet_preference_rows(
+        dev_sft, other_continuations(dev_sft, params.data_seed))
+    k = params.max_eval_examples
+    stats = _stats(len(train_all) + len(dev_full) + len(dev_prompts) + len(test), 0,
+                   {"train": train_all, "dev": dev_eval, "test": test})
+    return TaskData("sonnets", train_sft, train_pairs, _cap(dev_eval, k), _cap(dev_pairs, k),
+                    [s.prompt for s in test], {p.name: file_sha256(p) for p in paths.values()}, stats)
+
+
+def _load_jsonl(params) -> TaskData:
+    if not params.data_path:
+        raise DataError("task 'jsonl' needs `data_path` (a JSONL file or a dataset id)")
+    rows = load_user_rows(params.data_path)
+    split = split_indices(len(rows), params.data_seed, (0.9, 0.1, 0.0))
+    train = _train_subset([rows[i] for i in split["train"]], params)
+    dev = _cap([rows[i] for i in split["dev"]], params.max_eval_examples)
+    is_pref = "chosen" in rows[0]
+    train_sft = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train] if is_pref else train
+    path = Path(params.data_path)
+    source = {path.name: file_sha256(path)} if path.is_file() else {params.data_path: dataset_hash(rows)}
+    return TaskData("jsonl", train_sft, train if is_pref else None, dev, dev if is_pref else [], [], source,
+                    _stats(len(rows), 0, split))
+
+
+_LOADERS = {"paraphrase": _load_paraphrase, "sonnets": _load_sonnets, "jsonl": _load_jsonl}
+
+
+def load_task(params) -> TaskData:
+    """Everything a run reads, from a `prefnb.config.RunParams` (task, data_dir, data_path,
+    data_seed, train_size, max_train_examples, max_eval_examples, rejected_source, seed)."""
+    if params.task not in _LOADERS:
+        raise DataError(f"unknown task {params.task!r} (known: {', '.join(_LOADERS)})")
+    data = _LOADERS[params.task](params)
+    for name, rows in (("train", data.train_sft), ("dev", data.dev_eval)):
+        if not rows:  # subsetting keeps >= 1 row of a non-empty split, so the data is too small
+            raise DataError(f"task '{data.task}': the {name} split is empty ({data.stats.get('rows_read', 0)} "
+                            f"rows read); the data needs more rows (at least one for train and one for dev)")
+    return data

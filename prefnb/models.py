@@ -1,0 +1,211 @@
+"""Loading policies, tokenizers and references: hub ids, local directories, `tiny`, LoRA.
+
+A run's starting policy is ``params.model`` or, with ``init_from``, the checkpoint of an
+earlier run. Checkpoints are written by :func:`save_checkpoint`: a full model, or (LoRA)
+an adapter plus a record of the base it sits on, so a chain SFT(LoRA) → DPO(LoRA) can be
+rebuilt without storing merged weights for every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+# The `tiny` preset: GPT-2's architecture at toy size, so tests and the smoke profile run on
+# a 2-core CPU in seconds. Dropout is 0 so that the policy at step 0 equals its reference.
+TINY_CONFIG = dict(n_layer=2, n_head=4, n_embd=64, n_positions=1024, activation_function="gelu_pytorch_tanh",
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+CHECKPOINT_RECORD = "prefnb_checkpoint.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model, tokenizer or checkpoint could not be loaded; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------
+# tokenizers and base models
+# ---------------------------------------------------------------------------------------
+def _prepare_tokenizer(tokenizer):
+    # Batches are padded by our own collator; a pad id is still needed for generate().
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_tiny(seed: int):
+    """A GPT-2-shaped model from a config and a byte-level tokenizer that needs no files."""
+    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _prepare_tokenizer(ByT5Tokenizer())
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
+    with torch.random.fork_rng():  # initialisation depends on `seed` only, not on earlier RNG use
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model, tokenizer
+
+
+def load_pretrained(name: str):
+    """A causal LM and its tokenizer from a hub id or a local directory (a clear error offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = "local directory" if Path(name).is_dir() else "Hugging Face hub id"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not load model '{name}' ({where}): {first}. If the hub is unreachable, download the model "
+            "on a machine with network (`huggingface-cli download NAME`) and set HF_HUB_OFFLINE=1, or pass a "
+            "local directory as `model`; for a run without files use `model: tiny`.") from None
+    return model, _prepare_tokenizer(tokenizer)
+
+
+def load_base(model: str, seed: int):
+    return build_tiny(seed) if model == TINY else load_pretrained(model)
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------
+def checkpoint_dir(path: str | Path) -> Path:
+    """Accept a run directory (holding checkpoint/) or a checkpoint directory itself."""
+    path = Path(path)
+    for candidate in (path / "checkpoint", path):
+        if (candidate / CHECKPOINT_RECORD).is_file():
+            return candidate
+    raise ModelLoadError(f"init_from '{path}': no checkpoint there (expected {path}/checkpoint/{CHECKPOINT_RECORD}); "
+                         "is it the directory of a finished run?")
+
+
+def save_checkpoint(model, tokenizer, path: Path, *, base_model: str, base_init_from: str | None, seed: int) -> None:
+    """Save a full model, or a LoRA adapter plus the record of its base; written to a temp dir then renamed."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    record = {"kind": "lora" if is_peft(model) else "full", "base_model": base_model,
+              "base_init_from": base_init_from, "seed": seed}
+    (tmp / CHECKPOINT_RECORD).write_text(json.dumps(record, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_checkpoint(path: str | Path):
+    """Rebuild the model a run saved (LoRA adapters merged into their base) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = checkpoint_dir(path)
+    record = json.loads((ckpt / CHECKPOINT_RECORD).read_text())
+    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(ckpt))
+    if record["kind"] == "full":
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), tokenizer
+    from peft import PeftModel
+
+    base, _ = load_starting_model(record["base_model"], record["base_init_from"], record["seed"])
+    merged = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
+    return merged, tokenizer
+
+
+def load_starting_model(model: str, init_from: str | None, seed: int):
+    """The policy a run starts from: an earlier run's checkpoint, else `model`."""
+    return load_checkpoint(init_from) if init_from else load_base(model, seed)
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def lora_targets(model, requested: str) -> list[str] | str:
+    """'auto' → attention and MLP projections of GPT-2 (peft's own defaults for other models)."""
+    if requested != "auto":
+        return [name.strip() for name in requested.split(",") if name.strip()]
+    if getattr(model.config, "model_type", "") == "gpt2":
+        return ["c_attn", "c_proj", "c_fc"]
+    return "all-linear"
+
+
+def add_lora(model, *, r: int, alpha: float, dropout: float, targets: str):
+    """Wrap ``model`` with fresh LoRA adapters; only adapter weights require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, targets),
+                        task_type="CAUSAL_LM", fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    return get_peft_model(model, config)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Preference training compares policy and reference log-probs: dropout would make them differ at step 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# references and identities
+# ---------------------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: equal fingerprints ⇒ the same token ids."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(policy_tokenizer, other_tokenizer, other_name: str) -> None:
+    if tokenizer_fingerprint(policy_tokenizer) != tokenizer_fingerprint(other_tokenizer):
+        raise ModelLoadError(
+            f"reference '{other_name}' uses a different tokenizer than the policy "
+            f"({len(other_tokenizer)} vs {len(policy_tokenizer)} tokens, or different ids): log-probs of the same "
+            "text would not be comparable. Choose a reference of the same model family.")
+
+
+def load_reference_model(reference: str, policy_tokenizer, seed: int):
+    """A separate reference model (hub id, local model dir or run dir), checked for tokenizer match."""
+    path = Path(reference)
+    if path.is_dir() and ((path / CHECKPOINT_RECORD).is_file() or (path / "checkpoint").is_dir()):
+        model, tokenizer = load_checkpoint(path)
+    else:
+        model, tokenizer = load_base(reference, seed)
+    check_same_tokenizer(policy_tokenizer, tokenizer, reference)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def weights_identity(source: str, seed: int) -> str:
+    """A string that changes whenever the weights of ``source`` do (for cache keys).
+
+    ``source`` is a run or checkpoint directory (hashed by content), 'tiny' (config + seed)
+    or a hub id / model directory (by name).
+    """
+    path = Path(source)
+    if path.is_dir() and ((path / CHECKPOINT_RECORD).is_file() or (path / "checkpoint").is_dir()):
+        ckpt = checkpoint_dir(path)
+        digest = hashlib.sha256((ckpt / CHECKPOINT_RECORD).read_bytes())  # a LoRA record names its base
+        for file in sorted(ckpt.glob("*.safetensors")):
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+        return f"checkpoint:{digest.hexdigest()[:16]}"
+    if source == TINY:
+        return f"tiny:{json.dumps(TINY_CONFIG, sort_keys=True)}:seed{seed}"
+    return f"pretrained:{source}"
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

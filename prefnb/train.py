@@ -1,0 +1,480 @@
+"""One training loop for every objective: SFT (any f-divergence) and every preference loss.
+
+Reads top to bottom: set up → data → starting policy → reference log-probs (once, cached)
+→ LoRA → optimiser → loop → evaluate → write the run directory. Objectives plug in as two
+step functions (`sft_step`, `preference_step`); there is no trainer class hierarchy.
+
+Runs on accelerate: CPU, one GPU (bf16 autocast) or several (`accelerate launch`; each
+process takes its slice of every global batch). The loop never syncs with the host
+except every `log_every` steps, when it writes a history row and checks the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefnb import data as data_lib
+from prefnb import evaluate, losses, models
+from prefnb.cache import cache_key, cached
+from prefnb.config import RunParams, save_params
+from prefnb.logprobs import Encoded, collate, encode, response_token_logps, score_all, sequence_logps, start_token_id
+from prefnb.manifest import write_manifest
+from prefnb.rundir import atomic_write_json, now_iso
+
+log = logging.getLogger(__name__)
+
+# Paraphrase answers are scored as bare continuations (" yes" vs " no"); free text ends with EOS
+# so that generation learns to stop.
+ADD_EOS = {"paraphrase": False, "sonnets": True, "jsonl": True}
+STATE_DIR, CHECKPOINT_DIR = "state", "checkpoint"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a missing dependency); the message says where."""
+
+
+@dataclass
+class Encoders:
+    """Tokenisation settings shared by training, references and evaluation."""
+
+    tokenizer: object
+    max_length: int
+    add_eos: bool
+
+    def one(self, prompt: str, response: str, *, prior: bool = False) -> Encoded:
+        prompt_ids = [start_token_id(self.tokenizer)] if prior else None
+        return encode(self.tokenizer, prompt, response, max_length=self.max_length, add_eos=self.add_eos,
+                      prompt_ids=prompt_ids)
+
+    def pairs(self, rows, *, prior: bool = False) -> tuple[list[Encoded], list[Encoded]]:
+        return ([self.one(r["prompt"], r["chosen"], prior=prior) for r in rows],
+                [self.one(r["prompt"], r["rejected"], prior=prior) for r in rows])
+
+
+# ---------------------------------------------------------------------------------------
+# objectives: one step function each, returning (loss, metric tensors summed over the batch)
+# ---------------------------------------------------------------------------------------
+def sft_step(model, batch, params: RunParams):
+    """Token-mean f-divergence SFT loss over the response tokens of the batch."""
+    token_logps, _ = response_token_logps(model, batch)
+    loss = losses.token_loss(params.sft_loss, token_logps).mean()
+    return loss, {"loss": loss.detach(), "mean_token_logp": token_logps.detach().mean()}
+
+
+def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected):
+    """Chosen and rejected in one concatenated forward ([chosen; rejected] along the batch)."""
+    logps, lengths = sequence_logps(model, batch)
+    pc, pr = logps.chunk(2)
+    lc, lr = lengths.chunk(2)
+    options = {name: getattr(params, name) for name in losses.loss_options(params.objective) if hasattr(params, name)}
+    per_pair, chosen_rewards, rejected_rewards = losses.preference_loss(
+        params.objective, pc, pr, ref_chosen, ref_rejected, beta=params.beta,
+        chosen_lengths=lc, rejected_lengths=lr, **options)
+    loss = per_pair.mean()
+    metrics = {
+        "loss": loss.detach(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": pc.detach().mean(),
+        "logps/rejected": pr.detach().mean(),
+    }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# data order: a deterministic stream, so that resuming at step k sees the same batches
+# ---------------------------------------------------------------------------------------
+def batch_indices(micro_step: int, *, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Example indices of one micro-batch on one process.
+
+    The data is an endless stream of epochs, each a permutation seeded by (seed, epoch);
+    micro-batch m of the global run covers stream positions [m·B·W, (m+1)·B·W), and
+    process r takes its B of them.
+    """
+    start = (micro_step * world + rank) * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, n)
+        out.append(int(_epoch_permutation(n, seed, epoch)[offset]))
+    return out
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()  # only the current epoch (and the next) are ever needed
+        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERMUTATIONS[key]
+
+
+# ---------------------------------------------------------------------------------------
+# reference log-probs and sampled rejections (computed once, cached on disk)
+# ---------------------------------------------------------------------------------------
+def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoders, rows, *, split: str,
+                    cache_dir: Path, start_identity: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_ref(chosen), log π_ref(rejected) for every pair in ``rows``: [N] each, on CPU.
+
+    reference = policy: the starting policy; none: zeros (probability reward); prior: the
+    starting policy scoring the response after a lone start token, i.e. log p(y); anything
+    else: that model (tokenizer checked).
+    """
+    kind = params.reference
+    if kind == "none" or not rows:
+        zeros = torch.zeros(len(rows))
+        return zeros, zeros.clone()
+    separate = kind not in ("policy", "prior")
+    identity = models.weights_identity(kind, params.seed) if separate else start_identity
+    key = cache_key(reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
+                    tokenizer=models.tokenizer_fingerprint(tokenizer), max_length=params.max_length,
+                    add_eos=encoders.add_eos)
+
+    def compute():
+        ref_model = models.load_reference_model(kind, tokenizer, params.seed).to(device) if separate else start_model
+        chosen, rejected = encoders.pairs(rows, prior=kind == "prior")
+        scores = score_all(ref_model, chosen + rejected, pad_id=tokenizer.pad_token_id,
+                           batch_size=params.eval_batch_size, device=device)
+        return {"chosen": scores[:len(rows)], "rejected": scores[len(rows):]}
+
+    value, hit = cached(cache_dir, "reference_logps", key, compute)
+    log.info("reference log-probs (%s, %s split, %d pairs): %s", kind, split, len(rows), "cache hit" if hit else "computed")
+    return value["chosen"], value["rejected"]
+
+
+def sampled_rejections(params: RunParams, start_model, tokenizer, rows, *, cache_dir: Path, start_identity: str,
+                       device) -> list[str]:
+    """On-policy rejected continuations: top-p samples of the starting (reference/SFT) model."""
+    key = cache_key(model=start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
+                    max_new_tokens=params.max_new_tokens, top_p=params.top_p, temperature=params.temperature,
+                    seed=params.seed, max_length=params.max_length)
+
+    def compute():
+        return evaluate.generate(start_model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens,
+                                 greedy=False, top_p=params.top_p, temperature=params.temperature, seed=params.seed,
+                                 batch_size=params.eval_batch_size, max_length=params.max_length, device=device)
+
+    value, hit = cached(cache_dir, "sampled_rejections", key, compute)
+    log.info("sampled rejected continuations (%d): %s", len(rows), "cache hit" if hit else "generated")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation during and after training
+# ---------------------------------------------------------------------------------------
+KEY_METRIC = {"paraphrase": "eval/accuracy", "sonnets": "eval/chrf"}
+
+
+def key_metric(params: RunParams) -> str:
+    if params.task in KEY_METRIC:
+        return KEY_METRIC[params.task]
+    return "eval/implicit_reward_accuracy" if params.is_preference else "eval/loss"
+
+
+def run_evaluation(model, tokenizer, task: data_lib.TaskData, params: RunParams, encoders: Encoders,
+                   dev_ref: tuple[torch.Tensor, torch.Tensor], device) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if params.task == "paraphrase":
+        metrics.update(evaluate.paraphrase_metrics(model, tokenizer, task.dev_eval, max_length=params.max_length,
+                                                   batch_size=params.eval_batch_size, device=device))
+    elif params.task == "sonnets":
+        continuations = evaluate.generate(
+            model, tokenizer, [r["prompt"] for r in task.dev_eval], max_new_tokens=params.max_new_tokens,
+            greedy=params.generation == "greedy", top_p=params.top_p, temperature=params.temperature,
+            seed=params.seed, batch_size=params.eval_batch_size, max_length=params.max_length, device=device)
+        metrics.update(evaluate.sonnet_metrics(continuations, task.dev_eval))
+    elif not params.is_preference:  # user SFT data: held-out NLL per response token
+        items = [encoders.one(r["prompt"], r["completion"]) for r in task.dev_eval]
+        scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=params.eval_batch_size, device=device)
+        metrics["eval/loss"] = float(-scores.sum() / sum(e.n_response for e in items))
+    if task.dev_pairs:
+        chosen, rejected = encoders.pairs(task.dev_pairs)
+        scores = score_all(model, chosen + rejected, pad_id=tokenizer.pad_token_id,
+                           batch_size=params.eval_batch_size, device=device)
+        n = len(task.dev_pairs)
+        metrics["eval/implicit_reward_accuracy"] = evaluate.implicit_reward_accuracy(
+            scores[:n], scores[n:], dev_ref[0], dev_ref[1])
+    return metrics
+
+
+def is_better(metric: str, new: float, old: float | None) -> bool:
+    if old is None or math.isnan(old):
+        return True
+    return new < old if metric == "eval/loss" else new > old
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_memory_bytes(device) -> int:
+    """GPU: peak allocated by torch. CPU: peak resident set size of the whole process."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _mixed_precision(params: RunParams) -> str:
+    if params.precision == "bf16" or (params.precision == "auto" and torch.cuda.is_available()):
+        return "bf16"
+    return "no"
+
+
+def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
+    """Train and evaluate one run; write params.yaml, history.jsonl, metrics.json, manifest.json
+    and checkpoint/ into ``params.resolved_output_dir()``. Returns the final metrics.
+
+    The completion marker is not written here: the caller (CLI or study) writes it last.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the run's own progress
+
+    started, started_at = time.perf_counter(), now_iso()
+    out_dir = params.resolved_output_dir()
+    cache_dir = Path(params.cache_dir) if params.cache_dir else out_dir.parent.parent / ".cache"
+    accelerator = Accelerator(mixed_precision=_mixed_precision(params), gradient_accumulation_steps=params.grad_accum_steps)
+    device, main = accelerator.device, accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_params(params, out_dir / "params.yaml")
+    seed_everything(params.seed)
+
+    # --- data and the starting policy ----------------------------------------------------
+    task = data_lib.load_task(params)
+    start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
+    start_model.to(device)
+    start_identity = models.weights_identity(params.init_from or params.model, params.seed)
+    encoders = Encoders(tokenizer, params.max_length, ADD_EOS[params.task])
+
+    if params.is_preference:
+        train_rows = task.train_pairs
+        if train_rows is None and params.task != "sonnets":
+            raise data_lib.DataError(f"objective '{params.objective}' needs preference data: {params.data_path} has "
+                                     "prompt/completion rows; give prompt/chosen/rejected rows or use objective 'sft'")
+        if train_rows is None:  # sonnets: rejected = samples of the starting policy (on-policy)
+            with accelerator.main_process_first():
+                rejected = sampled_rejections(params, start_model, tokenizer, task.train_sft, cache_dir=cache_dir,
+                                              start_identity=start_identity, device=device)
+            train_rows = data_lib.sonnet_preference_rows(task.train_sft, rejected)
+    else:
+        train_rows = task.train_sft
+
+    # --- reference log-probs: once, before training, so no reference forward runs in the loop
+    ref_started = time.perf_counter()
+    reference_free = params.objective in losses.REFERENCE_FREE
+    with accelerator.main_process_first():
+        train_ref = (reference_logps(params, start_model, tokenizer, encoders, train_rows, split="train",
+                                     cache_dir=cache_dir, start_identity=start_identity, device=device)
+                     if params.is_preference and not reference_free else None)
+        dev_ref = reference_logps(params, start_model, tokenizer, encoders, task.dev_pairs, split="dev",
+                                  cache_dir=cache_dir, start_identity=start_identity, device=device)
+    reference_seconds = time.perf_counter() - ref_started
+
+    # --- the policy: the starting model, with fresh LoRA adapters when lora_r > 0 ----------
+    policy = start_model
+    if params.uses_lora:
+        policy = models.add_lora(policy, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
+                                 targets=params.lora_target_modules)
+    if params.is_preference:
+        models.disable_dropout(policy)
+    policy.train()
+    trainable, total = models.count_parameters(policy)
+    log.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+
+    if params.is_preference:
+        chosen_enc, rejected_enc = encoders.pairs(train_rows)
+        n_train = len(train_rows)
+    else:
+        sft_enc = [encoders.one(r["prompt"], r["completion"]) for r in train_rows]
+        n_train = len(sft_enc)
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=params.learning_rate,
+                                  weight_decay=params.weight_decay)
+    # The scheduler is stepped by hand once per optimiser step (accelerate would scale it by
+    # the number of processes).
+    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(params.lr_schedule, params.lr_schedule),
+                              optimizer, num_warmup_steps=params.warmup_steps, num_training_steps=params.max_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    unwrapped = accelerator.unwrap_model(policy)
+
+    # --- resume -------------------------------------------------------------------------
+    step, best = 0, {"metric": None, "value": None, "step": None, "metrics": {}}
+    loop_carry = None
+    history_path = out_dir / "history.jsonl"
+    state_path = out_dir / STATE_DIR / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False, map_location=device)
+        unwrapped.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, best = state["step"], state["best"]
+        loop_carry = state["loop"]
+        log.info("resumed from step %d", step)
+    if main:
+        kept = [line for line in (history_path.read_text().splitlines() if history_path.exists() else [])
+                if json.loads(line).get("step", 0) <= step] if step else []
+        history_path.write_text("".join(line + "\n" for line in kept))
+
+    # --- the loop -----------------------------------------------------------------------
+    sums: dict[str, torch.Tensor] = {}
+    tokens_seen = torch.zeros((), dtype=torch.long, device=device)
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    n_since_log = 0
+    if loop_carry:  # running sums since the last history row, so a resumed run logs the same rows
+        sums, n_since_log = loop_carry["sums"], loop_carry["n_since_log"]
+        tokens_seen, first_bad_step = loop_carry["tokens_seen"], loop_carry["first_bad_step"]
+    metric_name = key_metric(params)
+    bar = tqdm(total=params.max_steps, initial=step, disable=not (progress and main), desc=params.run_id(),
+               dynamic_ncols=True)
+    loop_started = time.perf_counter()
+    steps_at_start = step
+    while step < params.max_steps:
+        for micro in range(params.grad_accum_steps):
+            idx = batch_indices(step * params.grad_accum_steps + micro, n=n_train, batch_size=params.batch_size,
+                                seed=params.seed, rank=accelerator.process_index, world=accelerator.num_processes)
+            with accelerator.accumulate(policy), accelerator.autocast():
+                if params.is_preference:
+                    batch = collate([chosen_enc[i] for i in idx] + [rejected_enc[i] for i in idx],
+                                    tokenizer.pad_token_id, device)
+                    loss, metrics = preference_step(policy, batch, params, train_ref[0][idx].to(device),
+                                                    train_ref[1][idx].to(device))
+                else:
+                    batch = collate([sft_enc[i] for i in idx], tokenizer.pad_token_id, device)
+                    loss, metrics = sft_step(policy, batch, params)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and params.max_grad_norm > 0:
+                    metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens_seen += batch["attention_mask"].sum()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0) + value.detach().float() / params.grad_accum_steps
+            # Record the first non-finite step on the device; it is read at the next log.
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                         torch.tensor(step + 1, device=device), first_bad_step)
+        scheduler.step()
+        step += 1
+        n_since_log += 1
+        bar.update(1)
+
+        if step % params.log_every == 0 or step == params.max_steps:
+            bad = int(first_bad_step)  # the loop's one host sync, every log_every steps
+            if bad >= 0:
+                bar.close()
+                raise TrainingError(f"loss became NaN/inf at step {bad} of run {params.run_id()}: lower learning_rate "
+                                    "or beta, or check the data; nothing was saved as finished")
+            row = {"step": step, "epoch": step * params.batch_size * params.grad_accum_steps
+                   * accelerator.num_processes / n_train, "learning_rate": scheduler.get_last_lr()[0]}
+            row.update({k: float(accelerator.reduce(v, "mean")) / n_since_log for k, v in sums.items()})
+            sums, n_since_log = {}, 0
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if main:
+                with history_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+        if params.eval_every and step % params.eval_every == 0 and step < params.max_steps:
+            _evaluate_and_keep_best(unwrapped, tokenizer, task, params, encoders, dev_ref, device, step, best,
+                                    metric_name, out_dir, history_path, main)
+        if params.save_every and step % params.save_every == 0 and step < params.max_steps and main:
+            _save_state(state_path, unwrapped, optimizer, scheduler, step, best,
+                        loop={"sums": sums, "n_since_log": n_since_log, "tokens_seen": tokens_seen,
+                              "first_bad_step": first_bad_step})
+    bar.close()
+    train_seconds = time.perf_counter() - loop_started
+
+    # --- final evaluation, checkpoint, metrics --------------------------------------------
+    final = _evaluate_and_keep_best(unwrapped, tokenizer, task, params, encoders, dev_ref, device, step, best,
+                                    metric_name, out_dir, history_path, main)
+    tokens = int(accelerator.reduce(tokens_seen, "sum"))
+    steps_run = step - steps_at_start
+    result = dict(best["metrics"])
+    result.update({
+        "best_step": best["step"],
+        "final/" + metric_name: final.get(metric_name),
+        "train/loss": _last_loss(history_path),
+        "train/steps": step,
+        "train/seconds": train_seconds,
+        "train/tokens": tokens,
+        "train/tokens_per_second": tokens / train_seconds if train_seconds > 0 and steps_run else 0.0,
+        "train/peak_memory_bytes": _peak_memory_bytes(device),
+        "train/trainable_parameters": trainable,
+        "train/total_parameters": total,
+        "reference/seconds": reference_seconds,
+        "run/seconds": time.perf_counter() - started,
+    })
+    if main:
+        shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)  # a finished run needs no resume state
+        atomic_write_json(out_dir / "metrics.json", result)
+        write_manifest(out_dir / "manifest.json", params=params, task=task, device=device, started_at=started_at)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _evaluate_and_keep_best(model, tokenizer, task, params, encoders, dev_ref, device, step, best, metric_name,
+                            out_dir, history_path, main) -> dict:
+    """Evaluate; save the checkpoint when the key metric improves (ties keep the earlier one)."""
+    if not main:
+        return {}
+    metrics = run_evaluation(model, tokenizer, task, params, encoders, dev_ref, device)
+    with history_path.open("a") as fh:
+        fh.write(json.dumps({"step": step, **metrics}) + "\n")
+    value = metrics.get(metric_name, float("nan"))
+    if is_better(metric_name, value, best["value"]):
+        best.update(metric=metric_name, value=value, step=step, metrics=metrics)
+        models.save_checkpoint(model, tokenizer, out_dir / CHECKPOINT_DIR, base_model=params.model,
+                               base_init_from=params.init_from, seed=params.seed)
+    return metrics
+
+
+def _save_state(path: Path, model, optimizer, scheduler, step: int, best: dict, loop: dict) -> None:
+    """Everything exact resumption needs; only trainable weights (LoRA: the adapters)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "best": best, "loop": loop}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _last_loss(history_path: Path) -> float | None:
+    rows = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
+    losses_logged = [r["loss"] for r in rows if "loss" in r]
+    return losses_logged[-1] if losses_logged else None

@@ -1,0 +1,202 @@
+"""The training loop end to end on the tiny model (CPU, seconds per run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefnb import losses, models, train as train_mod
+from prefnb.cli import main as cli_main
+from prefnb.config import resolve_params
+from prefnb.logprobs import collate, encode
+
+TINY = dict(model="tiny", max_train_examples=24, max_eval_examples=8, batch_size=4, max_steps=6, log_every=2,
+            learning_rate=3e-3, max_length=160, max_new_tokens=8, eval_batch_size=16)
+
+
+def make_params(tmp_path: Path, name: str, **overrides):
+    values = {**TINY, "output_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"), **overrides}
+    return resolve_params([("test", values)])
+
+
+def history(run_dir: Path, key: str = "loss") -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """An SFT run on paraphrase that later tests start DPO from."""
+    tmp = tmp_path_factory.mktemp("sft")
+    params = make_params(tmp, "sft", max_steps=16, log_every=4)
+    metrics = train_mod.train(params, progress=False)
+    return params, metrics
+
+
+def test_sft_writes_the_run_directory_and_loss_falls(sft_run):
+    params, metrics = sft_run
+    out = Path(params.output_dir)
+    for name in ("params.yaml", "history.jsonl", "metrics.json", "manifest.json", "checkpoint"):
+        assert (out / name).exists(), name
+    assert not (out / "COMPLETE").exists()  # the caller writes the marker, last
+    losses_logged = history(out)
+    assert losses_logged[-1] < losses_logged[0]
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and "eval/f1" in metrics
+    assert metrics["train/tokens_per_second"] > 0 and metrics["train/peak_memory_bytes"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["files_sha256"]["quora-pairs.tsv"].startswith("66279661d492")
+    assert manifest["packages"]["torch"] and manifest["seed"] == params.seed
+
+
+def test_staged_dpo_from_sft_raises_reward_accuracy_and_shares_the_reference_cache(sft_run, tmp_path):
+    sft_params, _ = sft_run
+    dpo = make_params(tmp_path, "dpo", objective="dpo", init_from=sft_params.output_dir, max_steps=20, log_every=5,
+                      beta=0.5)
+    train_mod.train(dpo, progress=False)
+    acc = history(Path(dpo.output_dir), "rewards/accuracies")
+    assert acc[-1] > acc[0]
+    assert history(Path(dpo.output_dir), "loss")[0] == pytest.approx(0.693, abs=0.05)  # starts at ln 2
+    cached = sorted((tmp_path / "cache" / "reference_logps").glob("*.pt"))
+    assert len(cached) == 2  # train and dev pairs
+    # A β sweep reuses the same reference log-probs: no new cache entries.
+    train_mod.train(make_params(tmp_path, "dpo_beta", objective="dpo", init_from=sft_params.output_dir, beta=0.05),
+                    progress=False)
+    assert sorted((tmp_path / "cache" / "reference_logps").glob("*.pt")) == cached
+
+
+def test_lora_changes_only_adapter_weights():
+    model, tokenizer = models.build_tiny(0)
+    policy = models.add_lora(model, r=4, alpha=8, dropout=0.0, targets="auto")
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    params = resolve_params([("test", {"objective": "sft"})])
+    batch = collate([encode(tokenizer, "Question: same?", " yes", max_length=64, add_eos=False)] * 2,
+                    tokenizer.pad_token_id)
+    for _ in range(3):
+        loss, _ = train_mod.sft_step(policy, batch, params)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_lora_run_saves_only_the_adapter(tmp_path):
+    params = make_params(tmp_path, "lora", lora_r=4, max_steps=2)
+    train_mod.train(params, progress=False)
+    from safetensors.torch import load_file
+
+    ckpt = Path(params.output_dir) / "checkpoint"
+    assert json.loads((ckpt / models.CHECKPOINT_RECORD).read_text())["kind"] == "lora"
+    tensors = load_file(ckpt / "adapter_model.safetensors")
+    assert tensors and all("lora_" in k for k in tensors)
+    merged, _ = models.load_checkpoint(params.output_dir)  # rebuilds base + adapter for init_from
+    assert not models.is_peft(merged)
+
+
+def test_same_params_give_identical_metrics(tmp_path):
+    a = train_mod.train(make_params(tmp_path, "a"), progress=False)
+    b = train_mod.train(make_params(tmp_path, "b"), progress=False)
+    assert history(tmp_path / "a") == history(tmp_path / "b")
+    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {k: v for k, v in b.items() if k.startswith("eval/")}
+
+
+def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch):
+    straight = make_params(tmp_path, "straight", objective="dpo", max_steps=6, save_every=3, log_every=1)
+    train_mod.train(straight, progress=False)
+
+    crashed = make_params(tmp_path, "crashed", objective="dpo", max_steps=6, save_every=3, log_every=1)
+    real_step, calls = train_mod.preference_step, {"n": 0}
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "preference_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(crashed, progress=False)
+    assert (tmp_path / "crashed" / "state" / "state.pt").is_file()
+    monkeypatch.setattr(train_mod, "preference_step", real_step)
+    train_mod.train(crashed, progress=False)
+    assert history(tmp_path / "crashed") == history(tmp_path / "straight")
+    assert history(tmp_path / "crashed", "rewards/margins") == history(tmp_path / "straight", "rewards/margins")
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    real = losses.token_loss
+
+    def nan_from_third_call(kind, logps, _calls={"n": 0}):
+        _calls["n"] += 1
+        out = real(kind, logps)
+        return out * float("nan") if _calls["n"] >= 3 else out
+
+    monkeypatch.setattr(losses, "token_loss", nan_from_third_call)
+    with pytest.raises(train_mod.TrainingError, match="step 3"):
+        train_mod.train(make_params(tmp_path, "nan", log_every=5), progress=False)
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("reference", ["none", "prior"])
+def test_reference_free_and_prior_references(tmp_path, reference):
+    metrics = train_mod.train(make_params(tmp_path, reference, objective="dpo", reference=reference, max_steps=2),
+                              progress=False)
+    assert 0.0 <= metrics["eval/implicit_reward_accuracy"] <= 1.0
+
+
+def test_reference_with_another_tokenizer_is_refused(tmp_path):
+    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+    other = ByT5Tokenizer(extra_ids=0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(other), n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "m")
+    other.save_pretrained(tmp_path / "m")
+    params = make_params(tmp_path, "mismatch", objective="dpo", reference=str(tmp_path / "m"), max_steps=1)
+    with pytest.raises(models.ModelLoadError, match="different tokenizer"):
+        train_mod.train(params, progress=False)
+
+
+def test_sonnets_sft_then_dpo_with_sampled_rejections(tmp_path):
+    sft = make_params(tmp_path, "s_sft", task="sonnets", max_steps=4, max_train_examples=8, max_eval_examples=3)
+    metrics = train_mod.train(sft, progress=False)
+    assert 0.0 <= metrics["eval/chrf"] <= 100.0 and "eval/chrf_full" in metrics
+    dpo = make_params(tmp_path, "s_dpo", task="sonnets", objective="ipo", init_from=sft.output_dir, max_steps=2,
+                      max_train_examples=8, max_eval_examples=3)
+    train_mod.train(dpo, progress=False)
+    assert list((tmp_path / "cache" / "sampled_rejections").glob("*.pt"))
+
+
+def test_cli_train_marks_finished_and_typos_fail_in_one_line(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli_main(["train", "--no-progress", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
+                     "--set", "max_steps=1", "--set", f"output_dir={out}", "--set", f"cache_dir={tmp_path}/c"]) == 0
+    assert (out / "COMPLETE").is_file() and (out / "metrics.json").is_file()
+
+    capsys.readouterr()  # drop the first run's output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: paraphrase\nbetaa: 0.1\n")
+    assert cli_main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "betaa" in err[0] and str(bad) in err[0] and "beta" in err[0]
+
+
+def test_hub_model_offline_fails_clearly(tmp_path):
+    """`model: openai-community/gpt2` offline: one line, exit 2, no traceback.
+
+    A subprocess, because huggingface_hub reads HF_HUB_OFFLINE when it is imported.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "prefnb", "train", "--set", "model=openai-community/gpt2",
+                           "--set", f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "could not load model 'openai-community/gpt2'" in proc.stderr
+    assert "Traceback" not in proc.stderr
