@@ -299,9 +299,11 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     ref_started = time.perf_counter()
     reference_free = params.objective in losses.REFERENCE_FREE
     with accelerator.main_process_first():
-        train_ref = (reference_logps(params, start_model, tokenizer, encoders, train_rows, split="train",
-                                     cache_dir=cache_dir, start_identity=start_identity, device=device)
-                     if params.is_preference and not reference_free else None)
+        if params.is_preference and not reference_free:
+            train_ref = reference_logps(params, start_model, tokenizer, encoders, train_rows, split="train",
+                                        cache_dir=cache_dir, start_identity=start_identity, device=device)
+        elif params.is_preference:  # simpo/cpo/orpo ignore these: no reference forward at all
+            train_ref = (torch.zeros(len(train_rows)), torch.zeros(len(train_rows)))
         dev_ref = reference_logps(params, start_model, tokenizer, encoders, task.dev_pairs, split="dev",
                                   cache_dir=cache_dir, start_identity=start_identity, device=device)
     reference_seconds = time.perf_counter() - ref_started

@@ -142,6 +142,12 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("objective", sorted(losses.REFERENCE_FREE))
+def test_reference_free_objectives_train(tmp_path, objective):
+    metrics = train_mod.train(make_params(tmp_path, objective, objective=objective, max_steps=2), progress=False)
+    assert metrics["train/loss"] is not None and metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN
+
+
 @pytest.mark.parametrize("reference", ["none", "prior"])
 def test_reference_free_and_prior_references(tmp_path, reference):
     metrics = train_mod.train(make_params(tmp_path, reference, objective="dpo", reference=reference, max_steps=2),

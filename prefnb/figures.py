@@ -1,0 +1,266 @@
+"""The study's figures, drawn with seaborn from the runs table of :mod:`prefnb.report`.
+
+Each figure is a ``Figure(name, experiments, caption, select, draw)``: ``select`` picks its
+rows from the table (empty ⇒ the figure is skipped with a log line), ``draw`` returns a
+matplotlib figure. Error bars are 95 % bootstrap CIs across seeds (seaborn
+``errorbar=("ci", 95)``, fixed seed) when a cell has ≥ 2 seeds, and absent otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from prefnb.config import PREFERENCE_OBJECTIVES
+from prefnb.tables import METRIC_LABELS, SCENARIOS, TASK_METRIC
+
+log = logging.getLogger(__name__)
+
+METHODS = ["SFT", "DPO", "staged"]
+SFT_OBJECTIVES = ["kl", "tv", "chi2", "hellinger", "js"]
+SCENARIO_ORDER = list(SCENARIOS.values())
+
+
+def _order(values, preferred) -> list:
+    """Present values in the preferred order, then any others sorted."""
+    present = set(values)
+    return [v for v in preferred if v in present] + sorted(present - set(preferred), key=str)
+AXIS = {"eval/accuracy": "accuracy (fraction correct)", "eval/f1": "F1", "eval/chrf": "chrF (0–100)",
+        "eval/chrf_full": "chrF, whole sonnet (0–100)",
+        "eval/implicit_reward_accuracy": "implicit-reward acc. (fraction)"}
+
+
+@dataclass
+class Figure:
+    name: str
+    experiments: tuple[str, ...]
+    caption: str
+    select: Callable[[pd.DataFrame], pd.DataFrame]
+    draw: Callable[[pd.DataFrame], matplotlib.figure.Figure]
+
+
+N_BOOT = 1000  # seaborn's bootstrap resamples per CI (tests lower it for speed)
+
+
+def _ci(data: pd.DataFrame) -> dict:
+    """95 % bootstrap CI across seeds where there are ≥ 2 seeds (fixed seed: reproducible)."""
+    return {"errorbar": ("ci", 95) if data["seed"].nunique() >= 2 else None, "seed": 0, "n_boot": N_BOOT}
+
+
+def _of(df: pd.DataFrame, *experiments: str) -> pd.DataFrame:
+    return df[df["experiment"].isin(experiments)].copy() if len(df) else df
+
+
+def _long(data: pd.DataFrame, per_task: dict[str, list[str]]) -> pd.DataFrame:
+    """One row per (run, measure): the metrics listed for the run's task."""
+    parts = []
+    for task, metrics in per_task.items():
+        sub = data[data["task"] == task]
+        for m in metrics:
+            if m in sub and sub[m].notna().any():
+                part = sub.assign(measure=f"{task}: {AXIS.get(m, METRIC_LABELS.get(m, m))}", value=sub[m])
+                parts.append(part[part["value"].notna()])
+    return pd.concat(parts, ignore_index=True) if parts else data.iloc[0:0].assign(measure=[], value=[])
+
+
+def _finish(g, title: str, data: pd.DataFrame, bars: bool = False):
+    if bars:  # scores are ≥ 0: bars start at 0, and an all-zero panel still shows a sane axis
+        for ax in g.axes.flat:
+            ax.set_ylim(0, max(ax.get_ylim()[1], 1e-9) if ax.get_ylim()[1] > 1e-9 else 1)
+    seeds = data["seed"].nunique()
+    ci = "error bars: 95% CI across seeds" if seeds >= 2 else "one seed: no error bars"
+    g.figure.suptitle(f"{title}\n({seeds} seed{'s' if seeds != 1 else ''}; {ci})", y=1.0, va="bottom")
+    return g.figure
+
+
+# --- (a) SFT / DPO / staged × FFT / LoRA --------------------------------------------------
+def _methods(df):
+    return _long(_of(df, "01_sft", "02_dpo", "03_staged"),
+                 {"paraphrase": ["eval/accuracy", "eval/f1"], "sonnets": ["eval/chrf", "eval/chrf_full"]})
+
+
+def draw_methods(data):
+    g = sns.catplot(data=data, kind="bar", x="method", y="value", hue="tuning", col="measure", col_wrap=2,
+                    order=[m for m in METHODS if m in set(data["method"])], **_ci(data),
+                    sharey=False, height=3.2, aspect=1.3, capsize=0.1)
+    g.set_titles("{col_name}").set_axis_labels("training", "score")
+    return _finish(g, "SFT, DPO alone and staged SFT→DPO, full fine-tuning vs LoRA", data, bars=True)
+
+
+# --- (b) β sweep ------------------------------------------------------------------------
+def _beta(df):
+    data = _of(df, "04_reference_strength")
+    data = data[data["method"] != "SFT"] if len(data) else data
+    return _long(data, {t: [m, "eval/implicit_reward_accuracy"] for t, m in TASK_METRIC.items()})
+
+
+def draw_beta(data):
+    data = data.assign(variant=data["reward"] + np.where(data["reference_kind"].isin(["", "none"]), "",
+                                                          " · ref: " + data["reference_kind"]))
+    g = sns.relplot(data=data, kind="line", x="beta", y="value", hue="variant", style="variant", col="measure",
+                    col_wrap=2, markers=True, dashes=False, **_ci(data),
+                    facet_kws={"sharey": False}, height=3.2, aspect=1.3)
+    g.set(xscale="log")
+    g.set_titles("{col_name}").set_axis_labels("β (log scale)", "score")
+    return _finish(g, "DPO sensitivity to β, reward kind and reference model", data)
+
+
+# --- (c) variants × scenario, (d) train size -------------------------------------------
+def _variants(df):
+    data = _of(df, "06_dpo_variants")
+    data = data[data["method"] != "SFT"] if len(data) else data
+    if len(data):
+        top = data.groupby("task")["train_size"].transform("max")
+        data = data[data["train_size"] == top]
+    return _long(data, {t: [m] for t, m in TASK_METRIC.items()})
+
+
+def draw_variants(data):
+    g = sns.catplot(data=data, kind="bar", x="objective", y="value", hue="scenario", col="measure",
+                    order=_order(data["objective"], PREFERENCE_OBJECTIVES),
+                    hue_order=_order(data["scenario"], SCENARIO_ORDER),
+                    **_ci(data), sharey=False, height=3.4, aspect=1.5, capsize=0.1)
+    g.set_titles("{col_name}").set_axis_labels("preference objective", "score")
+    return _finish(g, "Preference objectives by starting point (largest training set)", data, bars=True)
+
+
+def _train_size(df):
+    data = _of(df, "06_dpo_variants")
+    data = data[data["method"] != "SFT"] if len(data) else data
+    return _long(data, {t: [m] for t, m in TASK_METRIC.items()}).assign(
+        train_pct=lambda d: 100 * d["train_size"].astype(float))
+
+
+def draw_train_size(data):
+    g = sns.relplot(data=data, kind="line", x="train_pct", y="value", hue="objective", style="objective",
+                    hue_order=_order(data["objective"], PREFERENCE_OBJECTIVES),
+                    style_order=_order(data["objective"], PREFERENCE_OBJECTIVES),
+                    col="scenario", col_order=_order(data["scenario"], SCENARIO_ORDER), row="measure", markers=True,
+                    dashes=False, **_ci(data),
+                    facet_kws={"sharey": "row"}, height=3.0, aspect=1.2)
+    g.set_titles("{row_name}\n{col_name}").set_axis_labels("training pairs used (% of train split)", "score")
+    return _finish(g, "Preference objectives against training-set size", data)
+
+
+# --- (e) LoRA vs FFT: quality against cost ---------------------------------------------
+def _cost(df):
+    data = _of(df, "05_lora_vs_fft")
+    need = ["quality", "train/seconds", "peak_memory_mib"]
+    return data.dropna(subset=[c for c in need if c in data] or None) if len(data) and all(
+        c in data for c in need) else data.iloc[0:0]
+
+
+def draw_cost(data):
+    tasks = sorted(data["task"].unique())
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.4 * len(tasks)), squeeze=False)
+    order = sorted(data["tuning"].unique(), key=lambda t: (t != "FFT", len(t), t))
+    palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    for i, task in enumerate(tasks):
+        d = data[data["task"] == task]
+        ylabel = f"{task}: {AXIS.get(TASK_METRIC.get(task, ''), 'score')}"
+        for j, (x, xlabel) in enumerate([("train/seconds", "training wall-clock (s)"),
+                                         ("peak_memory_mib", "peak memory (MiB)")]):
+            sns.scatterplot(data=d, x=x, y="quality", hue="tuning", style="tuning", size="max_steps",
+                            hue_order=order, style_order=order, palette=palette, ax=axes[i, j], s=60)
+            axes[i, j].set(xlabel=xlabel, ylabel=ylabel)
+        sns.barplot(data=d, x="tuning", y="train/tokens_per_second", hue="tuning", order=order, palette=palette,
+                    **_ci(d), ax=axes[i, 2], capsize=0.1, legend=False)
+        axes[i, 2].set(xlabel="fine-tuning", ylabel="training throughput (tokens/s)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes.flat:
+        if ax.get_legend():
+            ax.get_legend().remove()
+    labels = ["training steps" if lab == "max_steps" else lab for lab in labels]
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    seeds = data["seed"].nunique()
+    fig.suptitle(f"LoRA vs full fine-tuning: quality against wall-clock and memory\n({seeds} seed"
+                 f"{'s' if seeds != 1 else ''}, one marker per run; marker size = training steps)", y=1.0, va="bottom")
+    return fig
+
+
+# --- (f) SFT objectives and learning rate → DPO ----------------------------------------
+def _sft_objectives(df):
+    data = _of(df, "07_sft_objectives")
+    if not len(data):
+        return data
+    parts = []
+    for task, metric in TASK_METRIC.items():
+        t = data[data["task"] == task]
+        after = t[t["stage"] == "after DPO"]
+        for sub, m, label in [(after, metric, f"{task}: after DPO, {AXIS[metric]}"),
+                              (t[t["stage"] == "SFT model"], "eval/implicit_reward_accuracy",
+                               f"{task}: SFT model, implicit-reward acc."),
+                              (after, "eval/implicit_reward_accuracy", f"{task}: after DPO, implicit-reward acc.")]:
+            if m in sub and sub[m].notna().any():
+                parts.append(sub.assign(measure=label.replace(": ", "\n", 1), value=sub[m]).dropna(subset=["value"]))
+    return pd.concat(parts, ignore_index=True) if parts else data.iloc[0:0]
+
+
+def draw_sft_objectives(data):
+    scales = sorted(data["sft_lr_scale"].unique(), key=lambda s: -Fraction(s.rstrip("×")) if s else 0)
+    g = sns.catplot(data=data, kind="bar", x="sft_objective", y="value", hue="sft_lr_scale", hue_order=scales,
+                    col="measure", col_wrap=3, order=[o for o in SFT_OBJECTIVES if o in set(data["sft_objective"])],
+                    **_ci(data), sharey=False, height=3.0, aspect=1.2, capsize=0.1)
+    g.set_titles("{col_name}").set_axis_labels("SFT objective (f-divergence)", "score")
+    if g.legend:
+        g.legend.set_title("SFT learning rate")
+    return _finish(g, "SFT objective and SFT learning rate → DPO result and implicit reward", data, bars=True)
+
+
+FIGURES = [
+    Figure("methods", ("01_sft", "02_dpo", "03_staged"),
+           "Task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the SFT "
+           "model), with full fine-tuning (FFT) and LoRA.", _methods, draw_methods),
+    Figure("beta", ("04_reference_strength",),
+           "β sweep: task metric and implicit-reward accuracy against β for each reward kind (dpo with a "
+           "reference model, probability = no reference, likelihood = prior p(y) as reference) and reference "
+           "model.", _beta, draw_beta),
+    Figure("variants", ("06_dpo_variants",),
+           "Preference objectives by scenario (after SFT, no SFT, instruction-tuned start) at the largest "
+           "training set.", _variants, draw_variants),
+    Figure("train_size", ("06_dpo_variants",),
+           "Task metric against the fraction of training pairs used, per objective and scenario.",
+           _train_size, draw_train_size),
+    Figure("cost", ("05_lora_vs_fft",),
+           "LoRA ranks vs full fine-tuning: task metric against training wall-clock and peak memory "
+           "(marker size: training steps), and training throughput.", _cost, draw_cost),
+    Figure("sft_objectives", ("07_sft_objectives",),
+           "SFT objective (f-divergence) and SFT learning rate against the metric after DPO and the "
+           "implicit-reward accuracy of the SFT model and of the DPO model.", _sft_objectives, draw_sft_objectives),
+]
+
+
+def drawable(df: pd.DataFrame) -> list[Figure]:
+    """The figures that have data in ``df`` (the rest are skipped)."""
+    return [f for f in FIGURES if len(df) and len(f.select(df))]
+
+
+def draw_all(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Draw every figure that has data; save PNG + SVG; log the skipped ones."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    ready = {f.name for f in drawable(df)}
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
+    with plt.rc_context({"svg.hashsalt": "prefnb", "figure.dpi": 100}):
+        for f in FIGURES:
+            if f.name not in ready:
+                log.info("figure %s skipped: no finished runs of %s", f.name, ", ".join(f.experiments))
+                continue
+            fig = f.draw(f.select(df))
+            for ext in ("png", "svg"):
+                path = out_dir / f"{f.name}.{ext}"
+                fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+                paths.append(path)
+            plt.close(fig)
+            log.info("figure %s → %s", f.name, out_dir / f"{f.name}.png")
+    return paths

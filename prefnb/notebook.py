@@ -1,0 +1,129 @@
+"""What the study notebooks share: parameters in; a figure and a table out.
+
+A notebook's ``parameters`` cell holds plain values named like :class:`~prefnb.config.RunParams`
+fields; `prefnb study` (papermill) injects the run's fully resolved values after it. The
+notebook then calls::
+
+    params = prefnb.notebook.params_from_namespace(globals())
+    metrics = prefnb.train.train(params)
+    prefnb.notebook.plot_history(params)
+    prefnb.notebook.metrics_table(params)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from prefnb.config import FIELDS, RunParams, resolve_params
+
+HISTORY_PANELS = {  # panel -> history columns drawn in it
+    "loss": ["loss"],
+    "implicit rewards": ["rewards/chosen", "rewards/rejected", "rewards/margins"],
+    "log-probs": ["logps/chosen", "logps/rejected", "mean_token_logp"],
+    "accuracy": ["rewards/accuracies", "eval/accuracy", "eval/implicit_reward_accuracy"],
+    "chrF": ["eval/chrf", "eval/chrf_full"],
+}
+TABLE_METRICS = ("eval/accuracy", "eval/f1", "eval/chrf", "eval/chrf_full", "eval/implicit_reward_accuracy",
+                 "train/loss", "train/seconds", "train/tokens_per_second", "train/peak_memory_bytes", "best_step")
+
+
+def params_from_namespace(namespace: Mapping[str, Any], source: str = "notebook parameters") -> RunParams:
+    """RunParams from the notebook's globals: every name that is a RunParams field (validated)."""
+    values = {name: namespace[name] for name in FIELDS if name in namespace}
+    return resolve_params([(source, values)])
+
+
+def run_dir(params: RunParams | str | os.PathLike) -> Path:
+    return params.resolved_output_dir() if isinstance(params, RunParams) else Path(params)
+
+
+def load_history(params_or_dir) -> "pd.DataFrame":
+    """history.jsonl in long form: step, metric, value."""
+    import pandas as pd
+
+    path = run_dir(params_or_dir) / "history.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    wide = pd.DataFrame(rows)
+    if wide.empty:
+        return pd.DataFrame(columns=["step", "metric", "value"])
+    return wide.melt(id_vars="step", var_name="metric", value_name="value").dropna()
+
+
+def plot_history(params_or_dir, *, save: bool = True):
+    """Training curves with seaborn: the loss, and for preference runs the implicit rewards,
+    log-probs and reward accuracy; dev evaluations as they were logged.
+
+    Saves ``history.png`` in the run directory and shows it; returns the matplotlib figure
+    (None when nothing was logged).
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    history = load_history(params_or_dir)
+    panel_of = {m: panel for panel, metrics in HISTORY_PANELS.items() for m in metrics}
+    history = history[history["metric"].isin(panel_of)]
+    if history.empty:
+        print("no history to plot")
+        return None
+    panels = [p for p in HISTORY_PANELS if history["metric"].map(panel_of).eq(p).any()]
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        data = history[history["metric"].isin(HISTORY_PANELS[panel])]
+        sns.lineplot(data=data, x="step", y="value", hue="metric", marker="o", markersize=4, ax=ax)
+        ax.set_title(panel)
+        ax.set_ylabel("")
+        ax.legend(fontsize="small", title=None)
+    fig.suptitle(run_dir(params_or_dir).name)
+    fig.tight_layout()
+    if not save:
+        return fig
+    path = run_dir(params_or_dir) / "history.png"
+    _atomic_savefig(fig, path)
+    plt.close(fig)  # show the saved file rather than render the figure a second time
+    try:
+        from IPython.display import Image, display
+
+        display(Image(filename=str(path)))
+    except ImportError:
+        pass
+    return fig
+
+
+def _atomic_savefig(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def metrics_table(params: RunParams, metrics: Mapping[str, float] | None = None) -> "pd.DataFrame":
+    """This run's main metrics next to those of the run it started from and of its reference,
+    when those are study runs (directories holding metrics.json)."""
+    import pandas as pd
+
+    columns: dict[str, Mapping[str, Any]] = {}
+    own = metrics if metrics is not None else _read_metrics(run_dir(params))
+    columns["this run"] = own or {}
+    for label, source in (("start (init_from)", params.init_from), ("reference", params.reference)):
+        other = _read_metrics(Path(source)) if source else None
+        if other is not None:
+            columns[f"{label}: {Path(source).name}"] = other
+    names = [m for m in TABLE_METRICS if any(m in c for c in columns.values())]
+    return pd.DataFrame({label: [c.get(m) for m in names] for label, c in columns.items()}, index=names)
+
+
+def _read_metrics(directory: Path) -> dict | None:
+    path = directory / "metrics.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None

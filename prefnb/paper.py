@@ -1,0 +1,359 @@
+"""`prefnb paper` and `prefnb verify`: the Quarto paper rendered from the study's outputs.
+
+`prefnb paper` builds the report (:func:`prefnb.report.build_report`), copies its generated
+inputs into the Quarto project (``paper/_generated/`` and ``paper/_variables.yml``; both
+gitignored), then renders:
+
+- with Quarto where ``quarto`` is on PATH: ``quarto render paper`` → ``paper/_output/``
+  (HTML, and PDF via Typst, as ``paper/_quarto.yml`` says);
+- otherwise with pandoc: an HTML preview in ``paper/_preview/index.html``. prefnb expands the
+  Quarto shortcodes it uses (``{{< include >}}``, ``{{< var >}}``) and the figure/table cross
+  references itself, and a banner says that the file is a preview.
+
+`prefnb verify` rebuilds every generated text input of the paper from the outputs, in
+memory, and fails (exit 1, listing what differs) when the paper's copy is stale or when a
+file, figure, table or variable the paper references is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+PAPER_FILE = "index.qmd"
+GENERATED = "_generated"
+VARIABLES = "_variables.yml"
+BANNER = "Preview rendered with pandoc; render with Quarto for the publication version"
+INCLUDE = re.compile(r"\{\{<\s*include\s+(\S+)\s*>\}\}")
+VAR = re.compile(r"\{\{<\s*var\s+([\w.\-]+)\s*>\}\}")
+IMAGE = re.compile(r"!\[(?P<caption>[^\]]*)\]\((?P<path>[^)\s]+)\)(?P<attrs>\{[^}]*\})?")
+FIG_ID = re.compile(r"#(fig-[\w-]+)")
+TABLE_CAPTION = re.compile(r"^: (?P<caption>.*?)[ \t]*\{#(?P<id>tbl-[\w-]+)\}[ \t]*$", re.M)
+SEC_HEADER = re.compile(r"^#+[ \t]+(?P<title>.*?)[ \t]*\{#(?P<id>sec-[\w-]+)[^}]*\}[ \t]*$", re.M)
+CROSSREF = re.compile(r"@((?:fig|tbl|sec)-[\w-]*\w)")
+
+
+class PaperError(Exception):
+    """The paper cannot be built or rendered; the message says what to do."""
+
+
+def _user_error(message: str) -> Exception:
+    try:
+        from prefnb.cli import UserError
+        return UserError(message)
+    except ImportError:  # pragma: no cover
+        return PaperError(message)
+
+
+# ---------------------------------------------------------------------------------------
+# generated inputs: outputs/report → paper/
+# ---------------------------------------------------------------------------------------
+def _destination(paper_dir: Path, rel: str) -> Path:
+    return paper_dir / VARIABLES if rel == VARIABLES else paper_dir / GENERATED / rel
+
+
+def sync_generated(outputs: Path, paper_dir: Path, files: dict[str, str]) -> None:
+    """Replace paper/_generated and paper/_variables.yml by this build's files and figures."""
+    gen = paper_dir / GENERATED
+    if gen.exists():
+        shutil.rmtree(gen)
+    for rel, text in files.items():
+        dest = _destination(paper_dir, rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+    figures = outputs / "report" / "figures"
+    if figures.is_dir():
+        shutil.copytree(figures, gen / "figures", dirs_exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# shortcodes and cross references (what Quarto does, for the pandoc preview and verify)
+# ---------------------------------------------------------------------------------------
+def lookup(variables: dict, key: str) -> Any:
+    value: Any = variables
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def expand(text: str, paper_dir: Path, variables: dict, problems: list[str], depth: int = 0) -> str:
+    """Inline ``{{< include >}}`` files and substitute ``{{< var >}}`` values; note what is missing."""
+    def include(m: re.Match) -> str:
+        path = paper_dir / m.group(1)
+        if not path.is_file():
+            problems.append(f"missing include: {path}")
+            return f"**[missing: {m.group(1)}]**"
+        if depth > 5:
+            problems.append(f"includes nested too deep at {path}")
+            return ""
+        return expand(path.read_text(), paper_dir, variables, problems, depth + 1)
+
+    def var(m: re.Match) -> str:
+        try:
+            value = lookup(variables, m.group(1))
+        except KeyError:
+            problems.append(f"missing variable: {m.group(1)} (not in {VARIABLES})")
+            return f"?{m.group(1)}"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return VAR.sub(var, INCLUDE.sub(include, text))
+
+
+def referenced_images(text: str) -> list[str]:
+    return [m.group("path") for m in IMAGE.finditer(text) if not m.group("path").startswith(("http:", "https:"))]
+
+
+def number_crossrefs(text: str) -> str:
+    """Quarto-style figure/table numbering and @fig-/@tbl-/@sec- references, for plain pandoc."""
+    labels: dict[str, str] = {}
+
+    def figure(m: re.Match) -> str:
+        ids = FIG_ID.findall(m.group("attrs") or "")
+        if not ids:
+            return m.group(0)
+        labels[ids[0]] = f"Figure {sum(k.startswith('fig-') for k in labels) + 1}"
+        return f"![{labels[ids[0]]}: {m.group('caption')}]({m.group('path')}){m.group('attrs')}"
+
+    def table(m: re.Match) -> str:
+        labels[m.group("id")] = f"Table {sum(k.startswith('tbl-') for k in labels) + 1}"
+        return f": {labels[m.group('id')]}: {m.group('caption')} []{{#{m.group('id')}}}"
+
+    text = TABLE_CAPTION.sub(table, IMAGE.sub(figure, text))
+    for m in SEC_HEADER.finditer(text):
+        labels[m.group("id")] = m.group("title")
+    return CROSSREF.sub(lambda m: f"[{labels[m.group(1)]}](#{m.group(1)})" if m.group(1) in labels
+                        else f"?{m.group(1)}", text)
+
+
+# ---------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------
+PREVIEW_CSS = """<style>
+body { max-width: 60em; margin: 0 auto; padding: 1em 2em; font-family: system-ui, sans-serif; line-height: 1.5; }
+.preview-banner { background: #fff3cd; border: 2px solid #e0a800; padding: .6em 1em; margin: 1em 0;
+  font-weight: 600; border-radius: 4px; }
+img { max-width: 100%; height: auto; }
+figure { margin: 1.5em 0; } figcaption { font-size: .92em; color: #333; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .85em; display: block; overflow-x: auto; }
+th, td { border-bottom: 1px solid #ccc; padding: .2em .6em; text-align: left; }
+caption { caption-side: top; font-size: .92em; text-align: left; padding-bottom: .3em; }
+div[class*="callout"] { border-left: 5px solid #0d6efd; background: #f1f6ff; padding: .5em 1em; margin: 1em 0; }
+div.callout-warning { border-left-color: #e0a800; background: #fff8e1; }
+div[class*="callout"][title]::before { content: attr(title); display: block; font-weight: 700; }
+</style>
+"""
+
+
+def render_preview(paper_dir: Path, pandoc: str) -> Path:
+    """HTML preview with pandoc: shortcodes and cross references expanded here first."""
+    variables = yaml.safe_load((paper_dir / VARIABLES).read_text()) or {}
+    problems: list[str] = []
+    text = number_crossrefs(expand((paper_dir / PAPER_FILE).read_text(), paper_dir, variables, problems))
+    for p in problems:
+        log.warning("preview: %s", p)
+    out_dir = paper_dir / "_preview"
+    out_dir.mkdir(exist_ok=True)
+    source = out_dir / "index.md"
+    source.write_text(text)
+    (out_dir / "header.html").write_text(PREVIEW_CSS)
+    (out_dir / "banner.html").write_text(f'<div class="preview-banner">{BANNER} (<code>quarto render paper</code>; '
+                                         "see the README).</div>\n")
+    version = subprocess.run([pandoc, "--version"], capture_output=True, text=True).stdout.split()[1]
+    major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    embed = "--embed-resources" if major_minor >= (2, 19) else "--self-contained"
+    out = out_dir / "index.html"
+    cmd = [pandoc, str(source.relative_to(paper_dir)), "--from", "markdown", "--to", "html5", "--standalone", embed,
+           "--citeproc", "--bibliography", "references.bib", "--resource-path", ".", "--toc", "--number-sections",
+           "--mathml", "--metadata", "link-citations=true", "-H", str(out_dir.relative_to(paper_dir) / "header.html"),
+           "--include-before-body", str(out_dir.relative_to(paper_dir) / "banner.html"),
+           "-o", str(out.relative_to(paper_dir))]
+    result = subprocess.run(cmd, cwd=paper_dir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise _user_error(f"pandoc failed ({' '.join(cmd)}):\n{result.stderr.strip()}")
+    for line in result.stderr.strip().splitlines():
+        log.warning("pandoc: %s", line)
+    return out
+
+
+def renderer(engine: str = "auto") -> tuple[str, str]:
+    """("quarto" | "pandoc", executable), or a one-line error saying what to install."""
+    quarto, pandoc = shutil.which("quarto"), shutil.which("pandoc")
+    if engine in ("auto", "quarto") and quarto:
+        return "quarto", quarto
+    if engine == "quarto":
+        raise _user_error("quarto not found on PATH: install Quarto (https://quarto.org, or "
+                          "`conda install -c conda-forge quarto`)")
+    if pandoc:
+        return "pandoc", pandoc
+    raise _user_error("neither quarto nor pandoc is on PATH: install Quarto (https://quarto.org, or `conda install "
+                      "-c conda-forge quarto`) for the paper, or pandoc (`apt-get install pandoc`) for an HTML preview")
+
+
+def render(paper_dir: Path, engine: str = "auto") -> list[Path]:
+    kind, exe = renderer(engine)
+    if kind == "pandoc":
+        return [render_preview(paper_dir, exe)]
+    result = subprocess.run([exe, "render", str(paper_dir)])
+    if result.returncode != 0:
+        raise _user_error(f"`quarto render {paper_dir}` failed (exit {result.returncode}); see its output above")
+    return sorted(p for p in (paper_dir / "_output").glob("index.*") if p.suffix in (".html", ".pdf"))
+
+
+def default_paper_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "paper"
+    return here if (here / PAPER_FILE).is_file() else Path("paper")
+
+
+def build_paper(outputs: str | Path = "outputs", paper_dir: str | Path | None = None, *, engine: str = "auto",
+                render_output: bool = True, figures: bool = True) -> list[Path]:
+    """Build the report, copy its inputs into the paper, render. Returns the rendered files.
+
+    ``figures=False`` (tests) redraws no figure and keeps those of the last build."""
+    from prefnb.report import _build
+
+    outputs, paper_dir = Path(outputs), Path(paper_dir) if paper_dir else default_paper_dir()
+    if not (paper_dir / PAPER_FILE).is_file():
+        raise _user_error(f"{paper_dir / PAPER_FILE} not found: pass --paper DIR (the Quarto project)")
+    if render_output:
+        renderer(engine)  # fail before the work when nothing can render
+    files, _ = _build(outputs, figures=figures)
+    sync_generated(outputs, paper_dir, files)
+    return render(paper_dir, engine) if render_output else []
+
+
+# ---------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------
+def verify(outputs: str | Path = "outputs", paper_dir: str | Path | None = None) -> list[str]:
+    """Problems that make the paper stale or incomplete (empty list: it is up to date)."""
+    from prefnb.report import build_text_artifacts, collect_runs
+
+    outputs, paper_dir = Path(outputs), Path(paper_dir) if paper_dir else default_paper_dir()
+    problems: list[str] = []
+    fresh = build_text_artifacts(collect_runs(outputs, save=False))
+    for rel, text in fresh.items():
+        dest = _destination(paper_dir, rel)
+        if not dest.is_file():
+            problems.append(f"missing generated input: {dest}")
+        elif dest.read_text() != text:
+            problems.append(f"stale: {dest} differs from a fresh rebuild from {outputs}")
+    gen = paper_dir / GENERATED
+    for path in sorted(gen.glob("*/*.md")) + sorted(gen.glob("*/*.csv")):
+        if path.relative_to(gen).as_posix() not in fresh:
+            problems.append(f"stale: {path} is no longer produced by the outputs")
+    qmd = paper_dir / PAPER_FILE
+    if not qmd.is_file():
+        return problems + [f"missing: {qmd}"]
+    var_path = paper_dir / VARIABLES
+    variables = yaml.safe_load(var_path.read_text()) if var_path.is_file() else {}
+    text = expand(qmd.read_text(), paper_dir, variables or {}, problems)
+    for image in referenced_images(text):
+        path = paper_dir / image
+        if not path.is_file() or path.stat().st_size == 0:
+            problems.append(f"missing figure: {path}")
+    return problems
+
+
+def check_html(paper_dir: Path, html: Path | None = None) -> list[str]:
+    """Problems of a rendered HTML paper: a figure or table of the paper missing, an image that
+    does not decode or (where Chromium is installed) does not load in headless Chromium."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    if html is None:
+        html = next((p for p in (paper_dir / "_output" / "index.html", paper_dir / "_preview" / "index.html")
+                     if p.is_file()), paper_dir / "_preview" / "index.html")
+    if not html.is_file():
+        return [f"missing rendered paper: {html} (run `prefnb paper`)"]
+    page, problems = html.read_text(), []
+    variables = yaml.safe_load((paper_dir / VARIABLES).read_text()) if (paper_dir / VARIABLES).is_file() else {}
+    text = expand((paper_dir / PAPER_FILE).read_text(), paper_dir, variables or {}, problems)
+    ids = re.findall(r"\{#(fig-[\w-]+)\}", text) + [m.group("id") for m in TABLE_CAPTION.finditer(text)]
+    problems += [f"{html}: no element with id {i}" for i in ids if f'id="{i}"' not in page]
+    srcs = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    if len(srcs) < len(referenced_images(text)):
+        problems.append(f"{html}: {len(srcs)} images for {len(referenced_images(text))} figures")
+    for src in srcs:
+        try:
+            data = (base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:")
+                    else (html.parent / src).read_bytes())
+            Image.open(io.BytesIO(data)).verify()
+        except Exception as err:  # noqa: BLE001 - any failure to read or decode is the finding
+            problems.append(f"{html}: image {src[:60]}… does not decode ({err})")
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if browser and srcs:
+        probe = ("<script>window.addEventListener('load', () => { const i = [...document.images]; document.body"
+                 ".setAttribute('data-images', i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length)"
+                 "; });</script>")
+        probe_page = html.with_name(f".{html.stem}.check.html")
+        probe_page.write_text(page.replace("</body>", probe + "</body>"))
+        try:
+            dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                                  "--dump-dom", probe_page.resolve().as_uri()], capture_output=True, text=True,
+                                 timeout=180).stdout
+        finally:
+            probe_page.unlink(missing_ok=True)
+        m = re.search(r'data-images="(\d+)/(\d+)"', dom)
+        if not m or m.group(1) != m.group(2) or int(m.group(2)) != len(srcs):
+            problems.append(f"{html}: images loaded in Chromium: {m.group(0) if m else 'probe did not run'}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+def _cmd_paper(args: argparse.Namespace) -> int:
+    files = build_paper(args.outputs, args.paper, engine=args.engine, render_output=not args.no_render)
+    paper_dir = Path(args.paper) if args.paper else default_paper_dir()
+    print(f"paper inputs: {paper_dir / GENERATED}/ and {paper_dir / VARIABLES} (from {args.outputs}/report/)")
+    for f in files:
+        print(f"rendered: {f}")
+    if any(f.parent.name == "_preview" for f in files):
+        print(f"note: {BANNER.lower()} (Quarto was not found on PATH)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    problems = verify(args.outputs, args.paper)
+    if args.html is not None:
+        paper_dir = Path(args.paper) if args.paper else default_paper_dir()
+        problems += check_html(paper_dir, Path(args.html) if args.html else None)
+    if problems:
+        print(f"prefnb verify: FAILED ({len(problems)} problem(s)); run `prefnb paper` to rebuild:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print("prefnb verify: OK — the paper's generated inputs match a fresh rebuild from the outputs, and every "
+          "figure, table and number it references exists")
+    return 0
+
+
+def register(subparsers) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--outputs", default="outputs", help="the study's outputs folder (default: outputs)")
+    common.add_argument("--paper", default=None, help="the Quarto project (default: paper/ of this checkout)")
+    p = subparsers.add_parser("paper", parents=[common], help="build figures/tables from outputs and render the paper",
+                              description=__doc__.split("\n\n")[1])
+    p.add_argument("--engine", choices=("auto", "quarto", "pandoc"), default="auto",
+                   help="auto: Quarto if on PATH, else a pandoc HTML preview")
+    p.add_argument("--no-render", action="store_true", help="only build the report and the paper's inputs")
+    p.set_defaults(func=_cmd_paper)
+    v = subparsers.add_parser("verify", parents=[common], help="fail if the paper's generated inputs are stale")
+    v.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
+                   help="also check the rendered paper (default: paper/_output or paper/_preview index.html): every "
+                        "figure and table present, every image decodes and loads in headless Chromium (if installed)")
+    v.set_defaults(func=_cmd_verify)

@@ -1,0 +1,367 @@
+"""Outputs → one tidy table of finished runs → tables, numbers and figures for the paper.
+
+``collect_runs`` reads every finished run directory (``outputs/<experiment>/<run_id>/`` with
+the ``COMPLETE`` marker, contract 3) into one row: experiment, run id, every resolved
+parameter, every metric, the run's grid labels (``labels.json`` when the study wrote one)
+and labels derived from the parameters (method, tuning, reference kind, scenario, …).
+
+``build_report`` writes, under ``outputs/report/``:
+
+- ``runs.csv`` / ``runs.parquet``   the table;
+- ``tables/*.md|csv``              per-experiment mean ± 95 % CI across seeds, effect sizes;
+- ``numbers.json``, ``_variables.yml`` every number the paper's text quotes (Quarto ``var``);
+- ``sections/*.md``                the results block of each experiment (figures + tables);
+- ``figures/*.png|svg``            the study's figures (``prefnb.figures``).
+
+Everything except the figures is a pure function of the table, so ``prefnb verify`` can
+rebuild it in memory (``build_text_artifacts``) and compare with what the paper used.
+Statistics and tables live in :mod:`prefnb.tables`, figures in :mod:`prefnb.figures`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from prefnb.rundir import MARKER
+from prefnb.tables import (EFFECTS, METRIC_LABELS, SCENARIOS, SUMMARY, TASK_METRIC, _metric_spec, cell, effects, fmt,  # noqa: F401
+                           markdown_table, settings_table, summary_table)
+
+log = logging.getLogger(__name__)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads hundreds of params files fast
+
+REPORT_DIR = "report"
+# ---------------------------------------------------------------------------------------
+# the runs table
+# ---------------------------------------------------------------------------------------
+def _read_labels(run_dir: Path) -> dict[str, Any]:
+    """Grid labels of a run: the study runner's record (``study.json``: group, axis labels,
+    profile) and/or a ``labels.json`` (a flat mapping, or {"labels": {...}, ...})."""
+    out: dict[str, Any] = {}
+    for name in ("study.json", "labels.json"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        if name == "study.json":
+            data = {"group": data.get("group"), "profile": Path(str(data.get("profile") or "")).stem or None,
+                    **(data.get("labels") or {})}
+        elif isinstance(data.get("labels"), dict):
+            data = {**{k: v for k, v in data.items() if k != "labels"}, **data["labels"]}
+        out.update({f"label_{k}": v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)
+                    for k, v in data.items()})
+    return out
+
+
+def _scalar_metrics(metrics: dict) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))}
+
+
+def collect_runs(outputs_root: str | Path, *, save: bool = True) -> pd.DataFrame:
+    """One row per finished run under ``outputs_root``; saved as report/runs.csv and .parquet."""
+    root = Path(outputs_root)
+    rows = []
+    for params_path in sorted(root.glob("*/*/params.yaml")):
+        run_dir = params_path.parent
+        if run_dir.parent.name in (REPORT_DIR,) or run_dir.parent.name.startswith("."):
+            continue
+        if not (run_dir / MARKER).is_file():
+            log.debug("skipping unfinished run %s", run_dir)
+            continue
+        params = yaml.load(params_path.read_text(), Loader=_Loader) or {}
+        metrics_path = run_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        manifest_path = run_dir / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        row = {"experiment": run_dir.parent.name, "run_id": run_dir.name, **params,
+               **_scalar_metrics(metrics), **_read_labels(run_dir),
+               "device": manifest.get("device"), "code_version": manifest.get("code_version")}
+        row["experiment"] = run_dir.parent.name  # the directory is the truth
+        rows.append(row)
+    df = derive_labels(pd.DataFrame(rows))
+    if save:
+        out = root / REPORT_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "runs.csv").write_text(runs_csv(df))
+        df.to_parquet(out / "runs.parquet", index=False)
+    return df
+
+
+def runs_csv(df: pd.DataFrame) -> str:
+    return df.to_csv(index=False, float_format="%.10g", lineterminator="\n")
+
+
+def _run_key(path: Any) -> str | None:
+    """init_from (a run directory or its checkpoint/) → the run id it names."""
+    if not isinstance(path, str) or not path:
+        return None
+    p = Path(path)
+    return p.parent.name if p.name in ("checkpoint", "state") else p.name
+
+
+def _tuning(r: Any) -> str:
+    return "FFT" if not r or (isinstance(r, float) and math.isnan(r)) or int(r) == 0 else f"LoRA r={int(r)}"
+
+
+def _lr_scale(x: float) -> str:
+    if not x or math.isnan(x):
+        return ""
+    f = Fraction(x).limit_denominator(256)
+    return f"{f.numerator}×" if f.denominator == 1 else f"{f.numerator}/{f.denominator}×"
+
+
+def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """Add method, tuning, reward, reference_kind, scenario, SFT-parent columns, quality."""
+    if df.empty:
+        return pd.DataFrame(columns=["experiment", "run_id", "task", "seed", "method", "tuning", "quality"])
+    df = df.copy()
+    for col, default in (("objective", "sft"), ("init_from", None), ("lora_r", 0), ("reference", "policy"),
+                         ("model", "tiny"), ("task", "paraphrase"), ("seed", 0), ("sft_loss", "kl"),
+                         ("learning_rate", float("nan"))):
+        if col not in df:
+            df[col] = default
+    df = df.sort_values(["experiment", "run_id"], kind="stable").reset_index(drop=True)
+    pref = df["objective"] != "sft"
+    parent_id = df["init_from"].map(_run_key)
+    by_id = df.drop_duplicates("run_id").set_index("run_id")
+    parent = parent_id.map(lambda k: by_id.loc[k] if k in by_id.index else None)
+    parent_is_sft = parent.map(lambda p: p is not None and p["objective"] == "sft")
+    df["method"] = np.where(~pref, "SFT", np.where(df["init_from"].notna(), "staged", "DPO"))
+    df["tuning"] = df["lora_r"].map(_tuning)
+    free = df["objective"].isin(["simpo", "cpo", "orpo"])
+    df["reward"] = np.select([~pref, free, df["reference"] == "none", df["reference"] == "prior"],
+                             ["", "reference-free", "probability", "likelihood"], "dpo")
+    start = np.where(df["init_from"].notna(), "SFT model", "base model")
+    df["reference_kind"] = np.select(
+        [~pref | free, df["reference"] == "none", df["reference"] == "prior", df["reference"] == "policy"],
+        ["", "none", "prior p(y)", start], "stronger model")
+    base_model = df.loc[~pref, "model"].mode()
+    base_model = base_model.iloc[0] if len(base_model) else df["model"].mode().iloc[0]
+    derived = np.select([~pref, df["init_from"].notna(), df["model"] != base_model],
+                        ["", "after_sft", "instruct"], "no_sft")
+    scen = df["label_scenario"].fillna(pd.Series(derived)) if "label_scenario" in df else pd.Series(derived)
+    df["scenario"] = scen.map(lambda s: SCENARIOS.get(s, s))
+    df.loc[pref & (df["scenario"] == SCENARIOS["instruct"]), "method"] = "DPO"  # its init_from is no SFT stage
+    # The SFT run a preference run started from (07: its objective and learning rate).
+    df["sft_objective"] = np.where(~pref, df["sft_loss"],
+                                   parent.map(lambda p: p["sft_loss"] if p is not None else ""))
+    sft_lr = np.where(~pref, df["learning_rate"],
+                      parent.map(lambda p: p["learning_rate"] if p is not None else np.nan)).astype(float)
+    df["sft_learning_rate"] = sft_lr
+    top = pd.Series(sft_lr).groupby([df["experiment"], df["task"]]).transform("max")
+    df["sft_lr_scale"] = [_lr_scale(a / b) if b and not math.isnan(a) else "" for a, b in zip(sft_lr, top)]
+    df["stage"] = np.where(~pref, "SFT model", np.where(parent_is_sft, "after DPO", "DPO"))
+    df["sft_parent"] = parent_id.where(parent_is_sft, "").fillna("")
+    if "train/peak_memory_bytes" in df:
+        df["peak_memory_mib"] = df["train/peak_memory_bytes"] / 2**20
+    df["metric"] = df["task"].map(TASK_METRIC).fillna("eval/implicit_reward_accuracy")
+    df["quality"] = [row.get(m, np.nan) if m in row else np.nan for m, row in zip(df["metric"], df.to_dict("records"))]
+    return df
+
+
+def profile_of(df: pd.DataFrame) -> str:
+    """The profile that produced the runs: labels.json's, else from the model (tiny ⇒ smoke)."""
+    if "label_profile" in df and df["label_profile"].notna().any():
+        return ", ".join(sorted(df["label_profile"].dropna().astype(str).unique()))
+    models = set(df.get("model", pd.Series(dtype=str)).dropna())
+    if not models:
+        return "none"
+    if "tiny" in models:
+        return "smoke"
+    if models & {"openai-community/gpt2", "gpt2"}:
+        return "gpt2"
+    return "custom (" + ", ".join(sorted(models)) + ")"
+
+
+# ---------------------------------------------------------------------------------------
+# numbers quoted in the text
+# ---------------------------------------------------------------------------------------
+def _best(df: pd.DataFrame, by: list[str], spec: str) -> tuple[str, str]:
+    """(label of the best cell by mean quality, its mean) or ("n/a", "n/a")."""
+    if df.empty or df["quality"].isna().all():
+        return "n/a", "n/a"
+    means = df.groupby(by, dropna=False)["quality"].mean().dropna()
+    key = means.idxmax()
+    key = key if isinstance(key, tuple) else (key,)
+    return ", ".join(str(k) for k in key), fmt(float(means.max()), spec)
+
+
+def _ratio(a: pd.Series, b: pd.Series) -> str:
+    a, b = a.dropna(), b.dropna()
+    return fmt(a.mean() / b.mean(), ".2f") + "×" if len(a) and len(b) and b.mean() else "n/a"
+
+
+def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
+    """Every number the paper's text quotes; each key exists whatever runs there are."""
+    profile = profile_of(df) if len(df) else "none"
+    seeds = sorted(int(s) for s in df["seed"].dropna().unique()) if len(df) else []
+    n = {
+        "profile": profile, "is_smoke": profile == "smoke",
+        "runs": {"total": int(len(df)), **{e: int((df["experiment"] == e).sum()) if len(df) else 0
+                                           for e in SUMMARY}},
+        "seeds": {"n": len(seeds), "list": ", ".join(map(str, seeds)) or "none"},
+        "models": ", ".join(sorted(df["model"].dropna().astype(str).unique())) if len(df) else "none",
+        "devices": ", ".join(sorted(df["device"].dropna().astype(str).unique())) if "device" in df and
+                   df["device"].notna().any() else "not recorded",
+        "code_versions": ", ".join(sorted(df["code_version"].dropna().astype(str).unique())) if "code_version" in
+                         df and df["code_version"].notna().any() else "not recorded",
+        "effects": effect_numbers,
+    }
+    for task in TASK_METRIC:
+        spec = _metric_spec("quality", task)[1]
+        t = df[df["task"] == task] if len(df) else df
+        beta = t[t["experiment"] == "04_reference_strength"] if len(t) else t
+        beta = beta[beta["method"] != "SFT"] if len(beta) else beta
+        var = t[(t["experiment"] == "06_dpo_variants") & (t["method"] != "SFT")] if len(t) else t
+        if len(var):
+            var = var[var["train_size"] == var["train_size"].max()]
+        cost = t[t["experiment"] == "05_lora_vs_fft"] if len(t) else t
+        obj = t[(t["experiment"] == "07_sft_objectives")] if len(t) else t
+        after = obj[obj["stage"] == "after DPO"] if len(obj) else obj
+        sft_models = obj[obj["stage"] == "SFT model"] if len(obj) else obj
+        best_beta, best_beta_value = _best(beta, ["reward", "reference_kind", "beta"], spec)
+        best_var, best_var_value = _best(var, ["objective", "scenario"], spec)
+        best_obj, best_obj_value = _best(after, ["sft_objective", "sft_lr_scale"], spec)
+        lora = cost[cost["lora_r"] > 0] if len(cost) else cost
+        fft = cost[cost["lora_r"] == 0] if len(cost) else cost
+        irw = "eval/implicit_reward_accuracy"
+        n[task] = {
+            "metric": _metric_spec("quality", task)[0],
+            "best_beta": {"cell": best_beta, "value": best_beta_value},
+            "best_variant": {"cell": best_var, "value": best_var_value},
+            "best_sft_objective": {"cell": best_obj, "value": best_obj_value},
+            "lora_time_ratio": _ratio(lora.get("train/seconds", pd.Series(dtype=float)),
+                                      fft.get("train/seconds", pd.Series(dtype=float))),
+            "lora_memory_ratio": _ratio(lora.get("peak_memory_mib", pd.Series(dtype=float)),
+                                        fft.get("peak_memory_mib", pd.Series(dtype=float))),
+            "irw_sft": cell(sft_models[irw].astype(float), ".3f") or "n/a" if irw in obj else "n/a",
+            "irw_after_dpo": cell(after[irw].astype(float), ".3f") or "n/a" if irw in obj else "n/a",
+        }
+    return n
+
+
+# ---------------------------------------------------------------------------------------
+# the paper's generated inputs
+# ---------------------------------------------------------------------------------------
+TABLE_CAPTIONS = {
+    "01_sft": "SFT: mean ± 95% CI across seeds", "02_dpo": "DPO alone: mean ± 95% CI across seeds",
+    "03_staged": "Staged SFT→DPO: mean ± 95% CI across seeds",
+    "04_reference_strength": "β sweep by reward kind and reference: mean ± 95% CI across seeds",
+    "05_lora_vs_fft": "LoRA vs FFT: quality and cost, mean ± 95% CI across seeds",
+    "06_dpo_variants": "Preference objectives × scenario × training-set fraction: mean ± 95% CI across seeds",
+    "07_sft_objectives": "SFT objective × SFT learning rate: the SFT model and the model after DPO, "
+                         "mean ± 95% CI across seeds",
+}
+
+
+def _slug(name: str) -> str:
+    return name.split("_", 1)[-1].replace("_", "-")
+
+
+def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
+    """Every generated text input of the paper, keyed by its path relative to report/."""
+    from prefnb.figures import FIGURES, drawable
+
+    files: dict[str, str] = {"runs.csv": runs_csv(df)}
+    # The paper is about the study's experiments; other finished runs (e.g. `prefnb train`
+    # examples) stay in runs.csv and are counted as runs.other.
+    other = int((~df["experiment"].isin(SUMMARY)).sum()) if len(df) else 0
+    df = df[df["experiment"].isin(SUMMARY)].reset_index(drop=True) if len(df) else df
+    ready = {f.name for f in drawable(df)}
+    for exp in SUMMARY:
+        parts = []
+        for f in FIGURES:
+            if exp in f.experiments and f.name in ready and exp == f.experiments[-1]:
+                parts.append(f"![{f.caption}](_generated/figures/{f.name}.png){{#fig-{f.name.replace('_', '-')}}}\n")
+        tasks = sorted(df.loc[df["experiment"] == exp, "task"].unique()) if len(df) else []
+        for task in tasks:
+            table = summary_table(df, exp, task)
+            stem = f"tables/{exp}-{task}"
+            files[f"{stem}.csv"] = table.to_csv(index=False, lineterminator="\n")
+            files[f"{stem}.md"] = md = markdown_table(table)
+            caption = TABLE_CAPTIONS.get(exp, f"{exp}: mean ± 95% CI across seeds")
+            parts.append(md + f"\n: {caption} — {task} {{#tbl-{_slug(exp)}-{task}}}\n")
+        if not tasks:
+            parts.append(f"::: {{.callout-note}}\nNo finished runs of `{exp}` in these outputs: its figures and "
+                         f"tables are not drawn. Run `prefnb study` (or `--only {exp}`) and `prefnb paper`.\n:::\n")
+        files[f"sections/{exp}.md"] = "\n".join(parts)
+    settings = settings_table(df) if len(df) else pd.DataFrame()
+    files["tables/settings.md"] = (markdown_table(settings) + "\n: Settings of the finished runs (distinct values per "
+                                   "experiment, from params.yaml) {#tbl-settings}\n") if len(settings) else (
+        "::: {.callout-note}\nNo finished runs: no settings to list.\n:::\n")
+    eff, eff_numbers = effects(df) if len(df) else (pd.DataFrame(), {k: {} for k in EFFECTS})
+    files["tables/effects.csv"] = eff.to_csv(index=False, lineterminator="\n")
+    files["tables/effects.md"] = (markdown_table(eff) + "\n: Effect sizes: mean paired difference in the task "
+                                  "metric (same task, tuning and seed), 95% percentile-bootstrap CI over pairs "
+                                  "{#tbl-effects}\n") if len(eff) else (
+        "::: {.callout-note}\nNo paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged).\n:::\n")
+    for task in TASK_METRIC:
+        for name in EFFECTS:
+            eff_numbers.setdefault(name, {}).setdefault(task, {"mean": "n/a", "low": "n/a", "high": "n/a", "n": 0,
+                                                               "seeds": 0, "text": "n/a (no paired runs)"})
+    nums = numbers(df, eff_numbers)
+    nums["runs"]["other"] = other
+    files["numbers.json"] = json.dumps(nums, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    files["_variables.yml"] = yaml.safe_dump(nums, sort_keys=True, allow_unicode=True)
+    files["profile.md"] = _profile_block(nums)
+    return files
+
+
+def _profile_block(nums: dict) -> str:
+    line = (f"These results were produced by the **{nums['profile']}** profile: {nums['runs']['total']} finished "
+            f"runs, {nums['seeds']['n']} seed(s) ({nums['seeds']['list']}), model(s) `{nums['models']}`, "
+            f"device(s) {nums['devices']}.")
+    if nums["is_smoke"]:
+        return ("::: {.callout-warning title=\"Smoke profile: a check of the pipeline, not findings\"}\n"
+                + line + " The smoke profile trains a "
+                "tiny randomly initialised GPT-2-shaped model on small data subsets with reduced grids so that the "
+                "whole study runs on a laptop CPU in minutes. Its numbers say that every experiment, objective "
+                "and figure works end to end; they say nothing about SFT or DPO. Run the `gpt2` profile for "
+                "results.\n:::\n")
+    return f"::: {{.callout-note}}\n{line}\n:::\n"
+
+
+def write_text_artifacts(files: dict[str, str], out: Path) -> list[Path]:
+    paths = []
+    for rel, text in files.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        paths.append(path)
+    return paths
+
+
+def build_report(outputs_root: str | Path = "outputs") -> list[Path]:
+    """The whole report under ``outputs/report/``: table, tables, numbers, sections, figures."""
+    return _build(Path(outputs_root))[1]
+
+
+def _build(root: Path, figures: bool = True) -> tuple[dict[str, str], list[Path]]:
+    """(the text artifacts, every path written); ``figures=False`` keeps the figures already drawn."""
+    from prefnb.figures import draw_all
+
+    df = collect_runs(root)
+    out = root / REPORT_DIR
+    log.info("report: %d finished runs under %s (profile: %s)", len(df), root, profile_of(df) if len(df) else "none")
+    for sub in ("figures", "sections", "tables") if figures else ("sections", "tables"):
+        for stale in (out / sub).glob("*"):
+            stale.unlink()
+    files = build_text_artifacts(df)
+    paths = [out / "runs.csv", out / "runs.parquet"] + write_text_artifacts(files, out)
+    return files, paths + (draw_all(df, out / "figures") if figures else [])
+
+
+if __name__ == "__main__":  # python -m prefnb.report [OUTPUTS]
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for p in build_report(sys.argv[1] if len(sys.argv) > 1 else "outputs"):
+        print(p)

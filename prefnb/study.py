@@ -1,0 +1,516 @@
+"""`prefnb study` and `prefnb run`: execute the study's notebooks with papermill, crash-safely.
+
+The grid (which runs, with which params, depending on which) comes from :mod:`prefnb.grid`.
+This module only executes: for each run, in dependency order,
+
+1. take the run's lock (``outputs/.locks/<run_id>.lock``, ``fcntl.flock``, non-blocking), so
+   that two processes or machines sharing the outputs folder never run it twice;
+2. reuse the run if ``COMPLETE`` exists; otherwise clear what an earlier, unfinished attempt
+   left (a killed or failed run) and execute the notebook into ``<run_dir>/notebook.ipynb``;
+3. write ``COMPLETE`` last, once the executed notebook is saved and ``metrics.json`` parses.
+
+A run whose notebook raises keeps the executed notebook (with the error) and gets ``FAILED``;
+runs that need it are skipped and the rest go on. SIGKILL at any moment leaves no run that
+looks finished: the next `prefnb study` redoes exactly the unfinished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+from prefnb.config import ParamsError
+from prefnb.grid import Run, Study, expand, run_summary
+from prefnb.rundir import MARKER, atomic_write_json, atomic_write_text, is_finished, mark_finished, now_iso, read_json
+
+FAILED = "FAILED"
+RECORD = "study.json"      # the runner's record of a run: group, axis labels, dependencies, timing
+NOTEBOOK = "notebook.ipynb"
+KERNEL_LOG = "kernel.log"  # the kernel process's own stdout/stderr
+KEY_METRICS = {"paraphrase": "eval/accuracy", "sonnets": "eval/chrf"}
+POLL_SECONDS = 5.0
+
+
+def project_root() -> Path:
+    """The folder holding params/ and notebooks/: the source checkout, else the working directory."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "params").is_dir() else Path.cwd()
+
+
+# ---------------------------------------------------------------------------------------
+# locks and run-directory state
+# ---------------------------------------------------------------------------------------
+def lock_path(study: Study, run: Run) -> Path:
+    return study.outputs / ".locks" / f"{run.run_id}.lock"
+
+
+def acquire_lock(path: Path) -> int | None:
+    """An exclusive flock on ``path`` if nobody else holds it (an fd to release), else None.
+
+    The lock dies with its process (SIGKILL included), so a crashed run never blocks a rerun.
+    Lock files are never deleted: deleting one while another process waits on it races.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()} {now_iso()}\n".encode())
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def try_lock(path: Path) -> Iterator[bool]:
+    """``with try_lock(path) as mine:`` — hold the lock for the block if nobody else does."""
+    fd = acquire_lock(path)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            release_lock(fd)
+
+
+def locked_elsewhere(path: Path) -> bool:
+    """Whether another process holds the lock (without creating anything)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we may have taken
+    return False
+
+
+def state(study: Study, run: Run) -> str:
+    """finished | failed | running (locked elsewhere) | unfinished (left by a crash) | pending."""
+    run_dir = study.run_dir(run)
+    if is_finished(run_dir):
+        return "finished"
+    if locked_elsewhere(lock_path(study, run)):
+        return "running"
+    if (run_dir / FAILED).is_file():
+        return "failed"
+    return "unfinished" if run_dir.exists() else "pending"
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove an unfinished attempt: rename first (atomic), then delete."""
+    if not run_dir.exists():
+        return
+    trash = run_dir.with_name(f".trash-{run_dir.name}-{os.getpid()}-{time.time_ns()}")
+    os.replace(run_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def key_metric(run: Run, run_dir: Path) -> str:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return ""
+    try:
+        metrics = read_json(path)
+    except (OSError, ValueError):
+        return ""
+    name = KEY_METRICS.get(run.params.task) or next((k for k in metrics if k.startswith("eval/")), None)
+    value = metrics.get(name) if name else None
+    return f"{name}={value:.4g}" if isinstance(value, (int, float)) else ""
+
+
+def run_seconds(run_dir: Path) -> float | None:
+    try:
+        return float(read_json(run_dir / RECORD).get("seconds"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# executing one run
+# ---------------------------------------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _QuietPapermill(logging.Filter):
+    """We pass every RunParams key; a notebook's parameters cell names only those it shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+def error_line(err: BaseException) -> str:
+    """One line for the summary: the notebook's exception, not papermill's wrapper."""
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    text = f"{ename}: {evalue}" if ename else f"{type(err).__name__}: {err}"
+    text = _ANSI.sub("", text).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def error_details(err: BaseException) -> str:
+    tb = getattr(err, "traceback", None)
+    if tb:
+        return _ANSI.sub("", "\n".join(tb))
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+
+
+def execute_notebook(run: Run, study: Study, run_dir: Path) -> None:
+    """Run the notebook with papermill; the executed copy is saved even when a cell fails."""
+    import papermill
+
+    logger = logging.getLogger("papermill")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _QuietPapermill) for f in logger.filters):
+        logger.addFilter(_QuietPapermill())
+    params = run.params.to_dict()
+    params["output_dir"] = _as_seen_by_notebook(run_dir, study.project)
+    with open(run_dir / KERNEL_LOG, "ab") as log:
+        # The kernel starts in the project root (relative paths in params resolve there). It
+        # is set through nbclient rather than papermill's `cwd`, which would chdir this whole
+        # process and so race between runs going on in parallel (--jobs).
+        papermill.execute_notebook(str(run.notebook), str(run_dir / NOTEBOOK), parameters=params,
+                                   kernel_name="python3", progress_bar=False,
+                                   resources={"metadata": {"path": str(study.project)}},
+                                   kernel_manager_class=_logged_kernel_manager(log))
+
+
+def _logged_kernel_manager(log):
+    """A kernel manager whose kernel writes its own stdout/stderr (native-library messages,
+    ipykernel's start-up warnings, a crash) to the run's kernel.log instead of our terminal.
+    The kernel also exits by itself when this process dies (ipykernel's parent poller)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return LoggedKernelManager
+
+
+def _as_seen_by_notebook(path: Path, project: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(project.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _record(run: Run, study: Study, **extra) -> dict:
+    return {
+        "run_id": run.run_id, "experiment": run.experiment, "group": run.group, "also_groups": run.also_groups,
+        "labels": run.labels, "notebook": _as_seen_by_notebook(run.notebook, study.project),
+        "depends_on": {k: f"{study.by_id[v].experiment}/{v}" for k, v in run.deps.items()},
+        "profile": _as_seen_by_notebook(study.profile, study.project), "host": socket.gethostname(),
+        "pid": os.getpid(), **extra,
+    }
+
+
+def execute_run(run: Run, study: Study, execute: Callable[[Run, Study, Path], None] = execute_notebook) -> tuple[str, str, float]:
+    """Execute one run under its lock (held by the caller). Returns (status, message, seconds)."""
+    run_dir = study.run_dir(run)
+    clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True)
+    started, started_at = time.perf_counter(), now_iso()
+    atomic_write_json(run_dir / RECORD, _record(run, study, started_at=started_at))
+    try:
+        execute(run, study, run_dir)
+        metrics_path = run_dir / "metrics.json"
+        if not metrics_path.is_file():
+            raise RuntimeError(f"the notebook finished without writing {metrics_path.name}")
+        if not isinstance(read_json(metrics_path), dict):
+            raise RuntimeError(f"{metrics_path.name} is not a JSON object")
+        if not (run_dir / NOTEBOOK).is_file():
+            raise RuntimeError("the executed notebook was not saved")
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 — any failure of a run is recorded, the study goes on
+        seconds = time.perf_counter() - started
+        line = error_line(err)
+        atomic_write_text(run_dir / FAILED, f"{line}\n\n{error_details(err)}\n")
+        atomic_write_json(run_dir / RECORD, _record(run, study, started_at=started_at, failed_at=now_iso(),
+                                                    seconds=seconds, error=line))
+        return "failed", line, seconds
+    seconds = time.perf_counter() - started
+    atomic_write_json(run_dir / RECORD, _record(run, study, started_at=started_at, finished_at=now_iso(),
+                                                seconds=seconds))
+    mark_finished(run_dir)  # last: only now does the run count as finished
+    return "done", "", seconds
+
+
+# ---------------------------------------------------------------------------------------
+# executing many
+# ---------------------------------------------------------------------------------------
+class _Inline:
+    """An executor that runs each job at once in this thread (jobs = 1: Ctrl-C works as usual)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 — delivered through the future, like a pool's
+            future.set_exception(err)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+@dataclass
+class Outcome:
+    run: Run
+    status: str          # done | reused | failed | skipped (dependency failed) | not run
+    message: str = ""
+    seconds: float | None = None
+
+
+def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: TextIO | None = None,
+            execute: Callable[[Run, Study, Path], None] = execute_notebook, poll: float = POLL_SECONDS,
+            jobs: int = 1) -> list[Outcome]:
+    """Run ``runs`` (a dependency-closed list in study order), ``jobs`` at a time; finished
+    runs are reused, runs locked by another process are waited for, never run twice.
+
+    With ``--fail-fast`` nothing new starts after a failure (runs already going finish)."""
+    def say(text: str) -> None:
+        print(text, file=out or sys.stdout, flush=True)
+
+    outcomes: dict[str, Outcome] = {}
+    todo = [r for r in runs if not is_finished(study.run_dir(r))]
+    for r in runs:
+        if r not in todo:
+            outcomes[r.run_id] = Outcome(r, "reused", seconds=run_seconds(study.run_dir(r)))
+    if not todo:
+        say(f"all {_n(len(runs), 'run')} already finished: nothing to train")
+        return [outcomes[r.run_id] for r in runs]
+    say(f"{_n(len(runs), 'run')}: {len(runs) - len(todo)} finished earlier, {len(todo)} to run"
+        + (f", {jobs} at a time" if jobs > 1 else "") + f" (outputs: {study.outputs})")
+
+    def failed_deps(run: Run) -> list[str]:
+        return [d for d in run.dep_ids if d in outcomes and outcomes[d].status in ("failed", "skipped")]
+
+    pending = list(todo)
+    active: dict[Future, tuple[Run, int, int, str]] = {}   # future -> (run, number, lock fd, label)
+    counter, waiting_said, stop = 0, False, False
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="prefnb-run") if jobs > 1 else _Inline()
+    try:
+        while (pending and not stop) or active:
+            # start every run that is ready, while there is a free slot
+            for run in list(pending):
+                if stop or len(active) >= jobs:
+                    break
+                bad = failed_deps(run)
+                if bad:
+                    pending.remove(run)
+                    outcomes[run.run_id] = Outcome(run, "skipped", f"dependency failed: {bad[0]}")
+                    continue
+                if not all(is_finished(study.run_dir(study.by_id[d])) for d in run.dep_ids):
+                    continue  # a dependency is still to run (here or elsewhere)
+                fd = acquire_lock(lock_path(study, run))
+                if fd is None:
+                    continue  # running elsewhere; come back to it
+                pending.remove(run)
+                if is_finished(study.run_dir(run)):  # finished elsewhere meanwhile
+                    release_lock(fd)
+                    outcomes[run.run_id] = Outcome(run, "reused", "finished elsewhere", run_seconds(study.run_dir(run)))
+                    continue
+                counter += 1
+                label = f"[{counter}/{len(todo)}] {run.experiment} {run.run_id} ({run_summary(run)})"
+                if jobs > 1:
+                    say(f"{label} started")
+                else:
+                    print(f"{label} running …", end=" ", file=out or sys.stdout, flush=True)
+                active[pool.submit(execute_run, run, study, execute)] = (run, counter, fd, label)
+                waiting_said = False
+            if not active:
+                if pending and not stop:
+                    if not waiting_said:
+                        say(f"waiting for {_n(len(pending), 'run')} whose run or dependencies are running elsewhere …")
+                        waiting_said = True
+                    time.sleep(poll)
+                continue
+            done, _ = wait(list(active), timeout=poll, return_when=FIRST_COMPLETED)
+            for future in done:
+                run, number, fd, label = active.pop(future)
+                try:
+                    status, message, seconds = future.result()
+                finally:
+                    release_lock(fd)
+                outcomes[run.run_id] = Outcome(run, status, message, seconds)
+                text = f"{status} {seconds:.1f} s" + (f": {message}" if message else "")
+                say(f"{label} {text}" if jobs > 1 else text)
+                if status == "failed" and fail_fast:
+                    stop = True
+    except KeyboardInterrupt:
+        if jobs == 1:
+            raise
+        # Worker threads cannot be interrupted inside papermill; leave now. Their kernels exit
+        # with this process (parent poller), their locks are released by the OS, and their run
+        # directories, unfinished, are redone by the next `prefnb study`.
+        say("\ninterrupted: unfinished runs will be redone by the next `prefnb study`")
+        os._exit(130)
+    finally:
+        pool.shutdown(wait=True)
+    for run in pending:  # only after --fail-fast
+        bad = failed_deps(run)
+        outcomes[run.run_id] = (Outcome(run, "skipped", f"dependency failed: {bad[0]}") if bad
+                                else Outcome(run, "not run", "stopped by --fail-fast"))
+    return [outcomes[r.run_id] for r in runs]
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def summary_table(study: Study, outcomes: list[Outcome]) -> str:
+    rows = [("run", "status", "key metric", "time")]
+    for o in outcomes:
+        run_dir = study.run_dir(o.run)
+        status = o.status + (f" ({o.message})" if o.message and o.status != "failed" else "")
+        if o.status == "failed":
+            status = f"FAILED: {o.message}"
+        seconds = f"{o.seconds:.1f} s" if o.seconds is not None else ""
+        if len(status) > 72:
+            status = status[:71] + "…"
+        rows.append((f"{o.run.experiment}/{o.run.run_id}", status, key_metric(o.run, run_dir), seconds))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        lines.append("\nfailed runs (the executed notebook and FAILED, with the traceback, are in the run directory):")
+        for o in failed:
+            lines.append(f"  {study.run_dir(o.run)}\n    {o.message}")
+    return "\n".join(lines)
+
+
+def list_runs(study: Study, runs: list[Run], out: TextIO | None = None) -> None:
+    """One tab-separated line per run (id, experiment, status, key params), for schedulers."""
+    out = out or sys.stdout
+    try:
+        print("# run_id\texperiment\tstatus\tparams", file=out)
+        for run in runs:
+            print(f"{run.run_id}\t{run.experiment}\t{state(study, run)}\t{run_summary(run)}", file=out)
+        out.flush()
+    except BrokenPipeError:  # `prefnb study --list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+def _build_study(args) -> Study:
+    project = Path(args.project) if args.project else project_root()
+    return expand(project, args.profile, outputs=args.outputs, params_dir=args.params_dir,
+                  notebooks_dir=args.notebooks_dir)
+
+
+def _select(study: Study, args) -> list[Run]:
+    if getattr(args, "run_id", None):
+        return study.closure([study.find(args.run_id)])
+    if args.only:
+        known = sorted({r.experiment for r in study.runs})
+        wanted = set()
+        for name in args.only:
+            hits = [e for e in known if e == name or e.startswith(name)]
+            if not hits:
+                raise ParamsError(f"--only {name}: no such experiment (experiments: {', '.join(known)})")
+            wanted.update(hits)
+        return study.closure([r for r in study.runs if r.experiment in wanted])
+    return study.runs
+
+
+def cmd_study(args) -> int:
+    study = _build_study(args)
+    runs = _select(study, args)
+    if args.list:
+        list_runs(study, runs)
+        return 0
+    missing = sorted({str(r.notebook) for r in runs if not r.notebook.is_file()})
+    if missing:
+        raise ParamsError(f"notebook not found: {missing[0]}")
+    jobs = args.jobs or study.jobs
+    if jobs > 1:  # share the cores between the kernels instead of oversubscribing them
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(max(1, (os.cpu_count() or 1) // jobs)))
+    outcomes = run_all(study, runs, fail_fast=args.fail_fast, jobs=jobs)
+    print()
+    print(summary_table(study, outcomes))
+    failed = any(o.status in ("failed", "skipped", "not run") for o in outcomes)
+    if not getattr(args, "run_id", None) and not args.no_report:
+        failed |= not _build_report(study)
+    return 1 if failed else 0
+
+
+def _build_report(study: Study) -> bool:
+    """Tables and figures from the outputs, when prefnb.report is there; False if it fails."""
+    try:
+        from prefnb.report import build_report
+    except ImportError:
+        return True
+    try:
+        result = build_report(study.outputs)
+    except Exception as err:  # noqa: BLE001
+        print(f"report: failed: {error_line(err)}", file=sys.stderr)
+        return False
+    if isinstance(result, (list, tuple)) and result:
+        print(f"report: {len(result)} files under {Path(os.path.commonpath([str(p) for p in result]))}")
+    elif result:
+        print(f"report: {result}")
+    return True
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="smoke", help="profile: smoke (default), gpt2, or a YAML path")
+    p.add_argument("--outputs", default=None, metavar="DIR", help="outputs folder (default: <project>/outputs)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="runs at a time in this process (default: the profile's study.jobs, else 1)")
+    p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    p.add_argument("--project", default=None, metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--params-dir", default=None, metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--notebooks-dir", default=None, metavar="DIR", help=argparse.SUPPRESS)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("study", help="run the study: every experiment's notebook over its grid",
+                              description=__doc__.splitlines()[0])
+    _add_common(p)
+    p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
+                   help="only these experiments (and the runs they depend on)")
+    p.add_argument("--list", action="store_true", help="list runs (id, experiment, status, params) and exit")
+    p.add_argument("--run", dest="run_id", default=None, metavar="RUN_ID",
+                   help="run one run (its unfinished dependencies first)")
+    p.set_defaults(func=cmd_study)
+
+    r = subparsers.add_parser("run", help="run one study run by id (= study --run RUN_ID)")
+    r.add_argument("run_id", metavar="RUN_ID")
+    _add_common(r)
+    r.set_defaults(func=cmd_study, only=None, list=False)
+
+
+__all__ = ["run_all", "execute_run", "summary_table", "list_runs", "state", "register", "MARKER", "FAILED"]

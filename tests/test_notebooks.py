@@ -1,0 +1,84 @@
+"""The study notebooks are committed clean, parameterized with RunParams names, and wired to params/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from prefnb.config import FIELDS
+from prefnb.grid import experiment_files, expand
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+EXPERIMENTS = ["01_sft", "02_dpo", "03_staged", "04_reference_strength", "05_lora_vs_fft", "06_dpo_variants",
+               "07_sft_objectives"]
+
+
+def test_one_notebook_per_experiment():
+    assert [p.stem for p in NOTEBOOKS] == EXPERIMENTS
+    assert list(experiment_files(ROOT / "params")) == EXPERIMENTS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_clean_and_valid(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    assert nb.metadata.kernelspec.name == "python3"
+    assert "papermill" not in nb.metadata, "commit the notebook, not an executed copy"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: a code cell has outputs; clear them before committing"
+            assert cell.execution_count is None, f"{path.name}: a code cell has an execution count"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "first cell: a title"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_names_are_run_params(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: exactly one cell must be tagged 'parameters'"
+    assert tagged[0].cell_type == "code"
+    names = []
+    for node in ast.parse(tagged[0].source).body:
+        assert isinstance(node, ast.Assign), f"{path.name}: the parameters cell holds plain assignments only"
+        for target in node.targets:
+            assert isinstance(target, ast.Name)
+            names.append(target.id)
+        ast.literal_eval(node.value)  # plain values, no code
+    unknown = sorted(set(names) - set(FIELDS))
+    assert not unknown, f"{path.name}: parameters that are not RunParams fields: {unknown}"
+    assert "experiment" in names
+    # papermill reads `name = value  # comment` lines and warns on a second '=' in a line
+    for line in tagged[0].source.splitlines():
+        assert line.strip().startswith("#") or line.count("=") <= 1, f"{path.name}: {line!r}"
+
+
+def test_notebook_defaults_are_valid_params():
+    """Run by hand, a notebook's parameters alone must make a valid run."""
+    from prefnb.notebook import params_from_namespace
+
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        namespace: dict = {}
+        exec(cell.source, namespace)  # noqa: S102 — literal assignments, checked above
+        params = params_from_namespace(namespace)
+        assert params.experiment == path.stem
+
+
+@pytest.mark.parametrize("profile", ["smoke", "gpt2"])
+def test_every_experiment_names_an_existing_notebook(profile):
+    study = expand(ROOT, profile)
+    notebooks = {r.notebook for r in study.runs}
+    for nb in notebooks:
+        assert nb.is_file(), f"missing notebook {nb}"
+    assert {r.experiment for r in study.runs} == set(EXPERIMENTS)
+
+
+def test_gitattributes_uses_nbdime():
+    text = (ROOT / ".gitattributes").read_text()
+    assert "*.ipynb diff=jupyternotebook merge=jupyternotebook" in text
