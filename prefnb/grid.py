@@ -102,9 +102,6 @@ class Run:
     def dep_ids(self) -> list[str]:
         return list(dict.fromkeys(self.deps.values()))
 
-    def describe(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.labels.items())
-
 
 @dataclass
 class Study:
@@ -309,7 +306,6 @@ class _Group:
     spec: dict
     source: str              # "params/03_staged.yaml: groups.staged"
     notebook: Path
-    order: int
 
     @property
     def key(self) -> str:
@@ -401,11 +397,10 @@ def _load_groups(project: Path, params_dir: Path, notebooks_dir: Path, study: di
             if over.get("skip"):
                 skip.add(name)
             specs[name] = _apply_override(specs[name], over, osrc, original=original.get(name))
-        for i, (name, spec) in enumerate(specs.items()):
-            if name in skip:
-                continue
-            notebook = notebooks_dir / spec.get("notebook", data["notebook"])
-            groups.append(_Group(exp, name, spec, f"{src}: groups.{name}", notebook, len(groups)))
+        for name, spec in specs.items():
+            if name not in skip:
+                notebook = notebooks_dir / spec.get("notebook", data["notebook"])
+                groups.append(_Group(exp, name, spec, f"{src}: groups.{name}", notebook))
     return groups
 
 
@@ -436,7 +431,7 @@ def _target_key(name: str, experiment: str) -> str:
     return name if "/" in name else f"{experiment}/{name}"
 
 
-def _order_groups(groups: list[_Group], ctx: _Context) -> list[tuple[_Group, list[str]]]:
+def _order_groups(groups: list[_Group], ctx: _Context) -> list[_Group]:
     """Groups in dependency order, keeping file order where free (Kahn's algorithm)."""
     keys = {g.key: g for g in groups}
     deps = {g.key: _group_deps(g, ctx, keys) for g in groups}
@@ -449,7 +444,7 @@ def _order_groups(groups: list[_Group], ctx: _Context) -> list[tuple[_Group, lis
                               f"{', '.join(remaining)}")
         done.append(ready)
         remaining.remove(ready)
-    return [(keys[k], deps[k]) for k in done]
+    return [keys[k] for k in done]
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,8 +469,8 @@ def _axes(group: _Group) -> list[tuple[str, list[tuple[Any, Any]]]]:
     return out
 
 
-def _path_text(path: Path, project: Path) -> str:
-    """A run directory as the notebooks see it: relative to the project when inside it."""
+def path_for_notebooks(path: Path, project: Path) -> str:
+    """A path as the notebooks see it (they run in the project root): relative when inside it."""
     try:
         return str(path.resolve().relative_to(project.resolve()))
     except ValueError:
@@ -505,7 +500,7 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
     if not isinstance(presets, dict):
         raise ParamsError(f"{profile_src}: study.presets must be a mapping of name -> keys")
     tasks = study.get("tasks") or {}
-    for task, mapping in tasks.items():
+    for task in tasks:
         coerce_value("task", task, f"{profile_src}: study.tasks")
     ctx = _Context(presets, profile_src)
     profile_layers = ctx.layers(flat, profile_src)
@@ -516,7 +511,7 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
     runs_by_group: dict[str, list[Run]] = {}
     all_runs: dict[str, Run] = {}
 
-    for group, _ in groups:
+    for group in groups:
         base = group.spec.get("base") or {}
         base_layers = ctx.layers(base, f"{group.source}.base", allow_each=True)
         each = [(k, spec, layer.source) for layer in base_layers for k, spec in layer.deps.items() if "each" in spec]
@@ -548,9 +543,8 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
                     layers += ctx.layers(mapping, f"{group.source}.grid.{axis}.{label}")
                 if up is not None:
                     layers.append(copied)  # the upstream's values win: a DPO run has its SFT run's task
-                run = _resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels, up,
-                                   each[0] if each else None, runs_by_group, project, outputs)
-                group_runs.append(run)
+                group_runs.append(_resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels,
+                                               up, runs_by_group, project, outputs))
         for run in group_runs:
             if run.run_id in all_runs:
                 first = all_runs[run.run_id]
@@ -565,22 +559,19 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
     return Study(list(all_runs.values()), project, outputs, profile_file, jobs)
 
 
-def _resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels, up, each, runs_by_group,
+def _resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels, up, runs_by_group,
                  project, outputs) -> Run:
-    def resolve(all_layers: list[_Layer], extra: dict[str, Any]) -> tuple[RunParams, dict]:
-        scales: dict[str, tuple[float, str]] = {}
-        for layer in all_layers:
-            for k, v in layer.scales.items():
-                scales[k] = (v, layer.source)
+    """One run's params from its layers; dependencies bound to the run directories they match."""
+    def resolve(all_layers: list[_Layer], extra: dict[str, Any]) -> RunParams:
+        scales = {k: (v, layer.source) for layer in all_layers for k, v in layer.scales.items()}
         params = _resolve_layers([(layer.source, layer.values) for layer in all_layers]
                                  + [("study", {"experiment": group.experiment, **extra})])
-        return _apply_scales(params, scales), scales
+        return _apply_scales(params, scales)
 
     # The task decides which `study.tasks` keys apply: find it, then resolve for real.
-    first, _ = resolve(profile_layers + layers, {})
-    task_layers = ctx.layers(tasks.get(first.task), f"{profile_src}: study.tasks.{first.task}")
-    stack = profile_layers + task_layers + layers
-    provisional, _ = resolve(stack, {})
+    task = resolve(profile_layers + layers, {}).task
+    stack = profile_layers + ctx.layers(tasks.get(task), f"{profile_src}: study.tasks.{task}") + layers
+    provisional = resolve(stack, {})
 
     deps: dict[str, str] = {}
     bound: dict[str, str] = {}
@@ -605,8 +596,8 @@ def _resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels,
                                   f"(it has {len(candidates)} runs; check its grid and `match`)")
             target = hits[0]
         deps[key] = target.run_id
-        bound[key] = _path_text(outputs / target.experiment / target.run_id, project)
-    params, _ = resolve(stack, bound)
+        bound[key] = path_for_notebooks(outputs / target.experiment / target.run_id, project)
+    params = resolve(stack, bound)
     return Run(group.experiment, group.key, params, group.notebook, labels, deps)
 
 
@@ -620,4 +611,4 @@ def run_summary(run: Run) -> str:
     return " ".join(bits)
 
 
-__all__ = ["Run", "Study", "expand", "find_profile", "experiment_files", "run_summary"]
+__all__ = ["Run", "Study", "expand", "find_profile", "experiment_files", "path_for_notebooks", "run_summary"]

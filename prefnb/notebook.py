@@ -16,9 +16,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from prefnb.config import FIELDS, RunParams, resolve_params
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 HISTORY_PANELS = {  # panel -> history columns drawn in it
     "loss": ["loss"],

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from prefnb.config import ParamsError
-from prefnb.grid import Run, Study, expand, run_summary
+from prefnb.grid import Run, Study, expand, path_for_notebooks, run_summary
 from prefnb.rundir import MARKER, atomic_write_json, atomic_write_text, is_finished, mark_finished, now_iso, read_json
 
 FAILED = "FAILED"
@@ -184,7 +184,7 @@ def execute_notebook(run: Run, study: Study, run_dir: Path) -> None:
     if not any(isinstance(f, _QuietPapermill) for f in logger.filters):
         logger.addFilter(_QuietPapermill())
     params = run.params.to_dict()
-    params["output_dir"] = _as_seen_by_notebook(run_dir, study.project)
+    params["output_dir"] = path_for_notebooks(run_dir, study.project)
     with open(run_dir / KERNEL_LOG, "ab") as log:
         # The kernel starts in the project root (relative paths in params resolve there). It
         # is set through nbclient rather than papermill's `cwd`, which would chdir this whole
@@ -210,19 +210,12 @@ def _logged_kernel_manager(log):
     return LoggedKernelManager
 
 
-def _as_seen_by_notebook(path: Path, project: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(project.resolve()))
-    except ValueError:
-        return str(path.resolve())
-
-
 def _record(run: Run, study: Study, **extra) -> dict:
     return {
         "run_id": run.run_id, "experiment": run.experiment, "group": run.group, "also_groups": run.also_groups,
-        "labels": run.labels, "notebook": _as_seen_by_notebook(run.notebook, study.project),
+        "labels": run.labels, "notebook": path_for_notebooks(run.notebook, study.project),
         "depends_on": {k: f"{study.by_id[v].experiment}/{v}" for k, v in run.deps.items()},
-        "profile": _as_seen_by_notebook(study.profile, study.project), "host": socket.gethostname(),
+        "profile": path_for_notebooks(study.profile, study.project), "host": socket.gethostname(),
         "pid": os.getpid(), **extra,
     }
 
@@ -243,8 +236,6 @@ def execute_run(run: Run, study: Study, execute: Callable[[Run, Study, Path], No
             raise RuntimeError(f"{metrics_path.name} is not a JSON object")
         if not (run_dir / NOTEBOOK).is_file():
             raise RuntimeError("the executed notebook was not saved")
-    except KeyboardInterrupt:
-        raise
     except Exception as err:  # noqa: BLE001 — any failure of a run is recorded, the study goes on
         seconds = time.perf_counter() - started
         line = error_line(err)
