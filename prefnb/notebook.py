@@ -5,7 +5,7 @@ fields; `prefnb study` (papermill) injects the run's fully resolved values after
 notebook then calls::
 
     params = prefnb.notebook.params_from_namespace(globals())
-    metrics = prefnb.train.train(params)
+    metrics = prefnb.train.train(params, progress=prefnb.notebook.interactive())
     prefnb.notebook.plot_history(params)
     prefnb.notebook.metrics_table(params)
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -22,6 +23,10 @@ from prefnb.config import FIELDS, RunParams, resolve_params
 
 if TYPE_CHECKING:
     import pandas as pd
+
+STUDY_ENV = "PREFNB_STUDY"  # set by `prefnb study` for the kernels it starts
+# tqdm.auto falls back to a text bar without ipywidgets; its warning says nothing useful here
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 HISTORY_PANELS = {  # panel -> history columns drawn in it
     "loss": ["loss"],
@@ -109,19 +114,24 @@ def _atomic_savefig(figure, path: Path) -> None:
 
 
 def metrics_table(params: RunParams, metrics: Mapping[str, float] | None = None) -> "pd.DataFrame":
-    """This run's main metrics next to those of the run it started from and of its reference,
-    when those are study runs (directories holding metrics.json)."""
+    """This run's main metrics (one row) above those of the run it started from and of its
+    reference, when those are study runs (directories holding metrics.json)."""
     import pandas as pd
 
-    columns: dict[str, Mapping[str, Any]] = {}
+    rows: dict[str, Mapping[str, Any]] = {}
     own = metrics if metrics is not None else _read_metrics(run_dir(params))
-    columns["this run"] = own or {}
+    rows["this run"] = own or {}
     for label, source in (("start (init_from)", params.init_from), ("reference", params.reference)):
         other = _read_metrics(Path(source)) if source else None
         if other is not None:
-            columns[f"{label}: {Path(source).name}"] = other
-    names = [m for m in TABLE_METRICS if any(m in c for c in columns.values())]
-    return pd.DataFrame({label: [c.get(m) for m in names] for label, c in columns.items()}, index=names)
+            rows[f"{label}: {Path(source).name}"] = other
+    names = [m for m in TABLE_METRICS if any(m in r for r in rows.values())]
+    return pd.DataFrame([[r.get(m) for m in names] for r in rows.values()], index=list(rows), columns=names)
+
+
+def interactive() -> bool:
+    """False when `prefnb study` executes the notebook: no progress bars in its saved copy."""
+    return not os.environ.get(STUDY_ENV)
 
 
 def _read_metrics(directory: Path) -> dict | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from prefnb.config import ParamsError
+from prefnb.notebook import STUDY_ENV
 from prefnb.grid import Run, Study, expand, path_for_notebooks, run_summary
 from prefnb.rundir import MARKER, atomic_write_json, atomic_write_text, is_finished, mark_finished, now_iso, read_json
 
@@ -185,6 +186,7 @@ def execute_notebook(run: Run, study: Study, run_dir: Path) -> None:
         logger.addFilter(_QuietPapermill())
     params = run.params.to_dict()
     params["output_dir"] = path_for_notebooks(run_dir, study.project)
+    os.environ[STUDY_ENV] = "1"  # inherited by the kernel: prefnb.notebook.interactive() is False
     with open(run_dir / KERNEL_LOG, "ab") as log:
         # The kernel starts in the project root (relative paths in params resolve there). It
         # is set through nbclient rather than papermill's `cwd`, which would chdir this whole
@@ -284,7 +286,7 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
 
     With ``--fail-fast`` nothing new starts after a failure (runs already going finish)."""
     def say(text: str) -> None:
-        print(text, file=out or sys.stdout, flush=True)
+        _print(text, file=out)
 
     outcomes: dict[str, Outcome] = {}
     todo = [r for r in runs if not is_finished(study.run_dir(r))]
@@ -330,7 +332,7 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
                 if jobs > 1:
                     say(f"{label} started")
                 else:
-                    print(f"{label} running …", end=" ", file=out or sys.stdout, flush=True)
+                    _print(f"{label} running …", end=" ", file=out)
                 active[pool.submit(execute_run, run, study, execute)] = (run, counter, fd, label)
                 waiting_said = False
             if not active:
@@ -370,7 +372,8 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
 
 
 def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{count} {noun if count == 1 else plural}"
 
 
 def summary_table(study: Study, outcomes: list[Outcome]) -> str:
@@ -400,15 +403,23 @@ def summary_table(study: Study, outcomes: list[Outcome]) -> str:
 
 
 def list_runs(study: Study, runs: list[Run], out: TextIO | None = None) -> None:
-    """One tab-separated line per run (id, experiment, status, key params), for schedulers."""
-    out = out or sys.stdout
+    """One tab-separated line per run (id, experiment, status, key params), for schedulers;
+    the header goes to stderr, so that `--list | cut -f1` and `--list | wc -l` count runs."""
+    _print("# run_id\texperiment\tstatus\tparams", file=sys.stderr if out is None else out)
+    for run in runs:
+        _print(f"{run.run_id}\t{run.experiment}\t{state(study, run)}\t{run_summary(run)}", file=out)
+
+
+def _print(*args, file: TextIO | None = None, **kw) -> None:
+    """print, flushed; a closed pipe (`prefnb study | head`) silences output, not the study."""
+    file = file or sys.stdout
     try:
-        print("# run_id\texperiment\tstatus\tparams", file=out)
-        for run in runs:
-            print(f"{run.run_id}\t{run.experiment}\t{state(study, run)}\t{run_summary(run)}", file=out)
-        out.flush()
-    except BrokenPipeError:  # `prefnb study --list | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        print(*args, file=file, flush=True, **kw)
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), file.fileno())
+        except (OSError, ValueError):
+            pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,12 +460,25 @@ def cmd_study(args) -> int:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(max(1, (os.cpu_count() or 1) // jobs)))
     outcomes = run_all(study, runs, fail_fast=args.fail_fast, jobs=jobs)
-    print()
-    print(summary_table(study, outcomes))
+    _print()
+    _print(summary_table(study, outcomes))
     failed = any(o.status in ("failed", "skipped", "not run") for o in outcomes)
-    if not getattr(args, "run_id", None) and not args.no_report:
-        failed |= not _build_report(study)
+    if not getattr(args, "run_id", None):
+        _note_strays(study, runs)
+        if not args.no_report:
+            failed |= not _build_report(study)
     return 1 if failed else 0
+
+
+def _note_strays(study: Study, runs: list[Run]) -> None:
+    """Say so when outputs/ holds run directories this study does not have (older params?)."""
+    ids = {r.run_id for r in study.runs}
+    strays = [d for exp in sorted({r.experiment for r in runs}) if (study.outputs / exp).is_dir()
+              for d in (study.outputs / exp).iterdir() if d.is_dir() and not d.name.startswith(".")
+              and d.name not in ids]
+    if strays:
+        _print(f"note: {_n(len(strays), 'run directory')} under {study.outputs} not in this study (other profile or "
+              f"older parameters), e.g. {strays[0]}; the report reads every finished run")
 
 
 def _build_report(study: Study) -> bool:
@@ -469,9 +493,9 @@ def _build_report(study: Study) -> bool:
         print(f"report: failed: {error_line(err)}", file=sys.stderr)
         return False
     if isinstance(result, (list, tuple)) and result:
-        print(f"report: {len(result)} files under {Path(os.path.commonpath([str(p) for p in result]))}")
+        _print(f"report: {len(result)} files under {Path(os.path.commonpath([str(p) for p in result]))}")
     elif result:
-        print(f"report: {result}")
+        _print(f"report: {result}")
     return True
 
 
@@ -493,7 +517,8 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
                    help="only these experiments (and the runs they depend on)")
-    p.add_argument("--list", action="store_true", help="list runs (id, experiment, status, params) and exit")
+    p.add_argument("--list", action="store_true",
+                   help="print one tab-separated line per run (id, experiment, status, params) and exit")
     p.add_argument("--run", dest="run_id", default=None, metavar="RUN_ID",
                    help="run one run (its unfinished dependencies first)")
     p.set_defaults(func=cmd_study)

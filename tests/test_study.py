@@ -95,8 +95,8 @@ def test_gpt2_list_is_offline_and_light():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stdout.splitlines() if not line.startswith("#")]
-    assert len(lines) == len(expand(ROOT, "gpt2").runs)
+    lines = out.stdout.splitlines()  # the header goes to stderr: `--list | cut -f1` gives run ids only
+    assert len(lines) == len(expand(ROOT, "gpt2").runs) and out.stderr.startswith("# run_id")
     run_id, experiment, status, params = lines[0].split("\t")
     assert experiment == "01_sft" and status == "pending" and "seed=0" in params
 
