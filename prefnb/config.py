@@ -111,6 +111,13 @@ class RunParams:
     def uses_lora(self) -> bool:
         return self.lora_r > 0
 
+    @property
+    def key_metric(self) -> str:
+        """The dev metric that picks the best checkpoint and sums a run up."""
+        if self.task in KEY_METRICS:
+            return KEY_METRICS[self.task]
+        return "eval/implicit_reward_accuracy" if self.is_preference else "eval/loss"
+
     def run_id(self) -> str:
         """Stable id from the resolved parameters that change results (contract 3).
 
@@ -126,6 +133,7 @@ class RunParams:
         return Path(outputs_root) / self.experiment / self.run_id()
 
 
+KEY_METRICS = {"paraphrase": "eval/accuracy", "sonnets": "eval/chrf"}
 _LOCATION_KEYS = frozenset({"output_dir", "cache_dir", "data_dir"})
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunParams)}
 

@@ -66,11 +66,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from prefnb.config import (FIELDS, ParamsError, RunParams, _check_combination, coerce_value, read_profile,
-                           read_yaml_mapping)
+from prefnb.config import (FIELDS, ParamsError, RunParams, coerce_value, read_profile, read_yaml_mapping,
+                           resolve_params)
 
 DEPENDENCY_KEYS = ("init_from", "reference")
-_DEFAULTS = RunParams().to_dict()
 EXPERIMENT_KEYS = {"notebook", "description", "groups"}
 GROUP_KEYS = {"notebook", "description", "base", "grid"}
 OVERRIDE_KEYS = GROUP_KEYS | {"extends", "skip"}
@@ -251,38 +250,9 @@ class _Context:
                     raise ParamsError(f"{source}: key '{key}' must be a number > 0, got {value!r}")
                 own.scales[key] = float(value)
             else:
-                try:
-                    _coerce_cached(str(key), value, source)  # fail early, naming the file
-                except TypeError:
-                    coerce_value(str(key), value, source)
+                coerce_value(str(key), value, source)  # fail early, naming the file
                 own.values[key] = value
         return out + [own]
-
-
-@functools.lru_cache(maxsize=None)
-def _coerce_cached(key: str, value: Any, source: str) -> Any:
-    return coerce_value(key, value, source)
-
-
-def _resolve_layers(layers: list[tuple[str, Mapping[str, Any]]]) -> RunParams:
-    """:func:`prefnb.config.resolve_params`, with each (key, value, file) checked once.
-
-    A study expands ~1000 runs of ~25 keys each from a few dozen distinct (key, value, file)
-    triples; validating each triple once keeps `prefnb study --list` instant. The checks and
-    their messages are config's own (coerce_value, _check_combination).
-    """
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for source, mapping in layers:
-        for key, value in mapping.items():
-            try:
-                values[key] = _coerce_cached(str(key), value, source)
-            except TypeError:  # an unhashable value: let config say what is wrong with it
-                values[key] = coerce_value(str(key), value, source)
-            sources[key] = source
-    merged = {**_DEFAULTS, **values}
-    _check_combination(merged, sources)
-    return RunParams(**merged)
 
 
 def _apply_scales(params: RunParams, scales: Mapping[str, tuple[float, str]]) -> RunParams:
@@ -292,7 +262,7 @@ def _apply_scales(params: RunParams, scales: Mapping[str, tuple[float, str]]) ->
         value = getattr(params, name) * scale
         if isinstance(getattr(params, name), int):
             value = max(1, int(round(value)))
-        changes[name] = _coerce_cached(name, value, f"{source} ({key})")
+        changes[name] = coerce_value(name, value, f"{source} ({key})")
     return replace(params, **changes) if changes else params
 
 
@@ -564,7 +534,7 @@ def _resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels,
     """One run's params from its layers; dependencies bound to the run directories they match."""
     def resolve(all_layers: list[_Layer], extra: dict[str, Any]) -> RunParams:
         scales = {k: (v, layer.source) for layer in all_layers for k, v in layer.scales.items()}
-        params = _resolve_layers([(layer.source, layer.values) for layer in all_layers]
+        params = resolve_params([(layer.source, layer.values) for layer in all_layers]
                                  + [("study", {"experiment": group.experiment, **extra})])
         return _apply_scales(params, scales)
 

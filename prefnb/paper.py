@@ -266,9 +266,11 @@ def verify(outputs: str | Path = "outputs", paper_dir: str | Path | None = None)
     return problems
 
 
-def check_html(paper_dir: Path, html: Path | None = None) -> list[str]:
+def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | None = None) -> list[str]:
     """Problems of a rendered HTML paper: a figure or table of the paper missing, an image that
-    does not decode or (where Chromium is installed) does not load in headless Chromium."""
+    does not decode or (where Chromium is installed) does not load in headless Chromium.
+    What was checked is appended to ``notes``."""
+    notes = [] if notes is None else notes
     import base64
     import io
 
@@ -295,6 +297,9 @@ def check_html(paper_dir: Path, html: Path | None = None) -> list[str]:
         except Exception as err:  # noqa: BLE001 - any failure to read or decode is the finding
             problems.append(f"{html}: image {src[:60]}… does not decode ({err})")
     browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    notes.append(f"{html}: {len(ids)} figures and tables found, {len(srcs)} images decode")
+    if not browser:
+        notes.append("Chromium not found: images were not loaded in a browser (apt-get install chromium)")
     if browser and srcs:
         probe = ("<script>window.addEventListener('load', () => { const i = [...document.images]; document.body"
                  ".setAttribute('data-images', i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length)"
@@ -310,6 +315,8 @@ def check_html(paper_dir: Path, html: Path | None = None) -> list[str]:
         m = re.search(r'data-images="(\d+)/(\d+)"', dom)
         if not m or m.group(1) != m.group(2) or int(m.group(2)) != len(srcs):
             problems.append(f"{html}: images loaded in Chromium: {m.group(0) if m else 'probe did not run'}")
+        else:
+            notes.append(f"headless Chromium loaded {m.group(1)}/{m.group(2)} images")
     return problems
 
 
@@ -328,10 +335,10 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    problems = verify(args.outputs, args.paper)
+    problems, notes = verify(args.outputs, args.paper), []
     if args.html is not None:
         paper_dir = Path(args.paper) if args.paper else default_paper_dir()
-        problems += check_html(paper_dir, Path(args.html) if args.html else None)
+        problems += check_html(paper_dir, Path(args.html) if args.html else None, notes)
     if problems:
         print(f"prefnb verify: FAILED ({len(problems)} problem(s)); run `prefnb paper` to rebuild:", file=sys.stderr)
         for p in problems:
@@ -339,6 +346,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     print("prefnb verify: OK — the paper's generated inputs match a fresh rebuild from the outputs, and every "
           "figure, table and number it references exists")
+    for note in notes:
+        print(f"  {note}")
     return 0
 
 

@@ -21,7 +21,8 @@ from prefnb import cli
 from prefnb.config import OBJECTIVES, SFT_LOSSES, ParamsError
 from prefnb.grid import expand
 from prefnb.rundir import MARKER
-from prefnb.study import FAILED, lock_path, run_all, state, try_lock
+from prefnb.execute import FAILED, lock_path, state, try_lock
+from prefnb.study import run_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
