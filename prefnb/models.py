@@ -188,8 +188,8 @@ def load_reference_model(reference: str, policy_tokenizer, seed: int):
 def weights_identity(source: str, seed: int) -> str:
     """A string that changes whenever the weights of ``source`` do (for cache keys).
 
-    ``source`` is a run or checkpoint directory (hashed by content), 'tiny' (config + seed)
-    or a hub id / model directory (by name).
+    ``source`` is a run, checkpoint or model directory (hashed by content), 'tiny' (config +
+    seed) or a hub id (by name: a hub revision does not change under a fixed cache).
     """
     path = Path(source)
     if path.is_dir() and ((path / CHECKPOINT_RECORD).is_file() or (path / "checkpoint").is_dir()):
@@ -201,6 +201,12 @@ def weights_identity(source: str, seed: int) -> str:
         return f"checkpoint:{digest.hexdigest()[:16]}"
     if source == TINY:
         return f"tiny:{json.dumps(TINY_CONFIG, sort_keys=True)}:seed{seed}"
+    if path.is_dir():  # a local model directory can be overwritten in place: hash what it holds
+        digest = hashlib.sha256()
+        for file in sorted([*path.glob("config.json"), *path.glob("*.safetensors"), *path.glob("*.bin")]):
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+        return f"directory:{digest.hexdigest()[:16]}"
     return f"pretrained:{source}"
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from prefnb.config import RunParams, save_params
 from prefnb.logprobs import Encoded, collate, encode, response_token_logps, score_all, sequence_logps, start_token_id
 from prefnb.manifest import write_manifest
 from prefnb.rundir import atomic_write_json, now_iso
+from prefnb.timing import StepClock, peak_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +176,6 @@ def sampled_rejections(params: RunParams, start_model, tokenizer, rows, *, cache
 # ---------------------------------------------------------------------------------------
 # evaluation during and after training
 # ---------------------------------------------------------------------------------------
-KEY_METRIC = {"paraphrase": "eval/accuracy", "sonnets": "eval/chrf"}
-
-
-def key_metric(params: RunParams) -> str:
-    if params.task in KEY_METRIC:
-        return KEY_METRIC[params.task]
-    return "eval/implicit_reward_accuracy" if params.is_preference else "eval/loss"
-
-
 def run_evaluation(model, tokenizer, task: data_lib.TaskData, params: RunParams, encoders: Encoders,
                    dev_ref: tuple[torch.Tensor, torch.Tensor], device) -> dict[str, float]:
     metrics: dict[str, float] = {}
@@ -237,13 +228,6 @@ def _set_rng_state(state: dict) -> None:
     torch.random.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _peak_memory_bytes(device) -> int:
-    """GPU: peak allocated by torch. CPU: peak resident set size of the whole process."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _mixed_precision(params: RunParams) -> str:
@@ -362,10 +346,11 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     if loop_carry:  # running sums since the last history row, so a resumed run logs the same rows
         sums, n_since_log = loop_carry["sums"], loop_carry["n_since_log"]
         tokens_seen, first_bad_step = loop_carry["tokens_seen"], loop_carry["first_bad_step"]
-    metric_name = key_metric(params)
+    metric_name = params.key_metric
     bar = tqdm(total=params.max_steps, initial=step, disable=not (progress and main), desc=params.run_id(),
                dynamic_ncols=True)
     loop_started = time.perf_counter()
+    clock = StepClock(device, params.max_steps, started=started)  # syncs at steps 1 and warm-up only
     steps_at_start = step
     while step < params.max_steps:
         for micro in range(params.grad_accum_steps):
@@ -395,6 +380,8 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
         step += 1
         n_since_log += 1
         bar.update(1)
+        if clock.wants_mark(step):
+            clock.step_done(step, tokens_seen)
 
         if step % params.log_every == 0 or step == params.max_steps:
             bad = int(first_bad_step)  # the loop's one host sync, every log_every steps
@@ -419,7 +406,9 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                         loop={"sums": sums, "n_since_log": n_since_log, "tokens_seen": tokens_seen,
                               "first_bad_step": first_bad_step})
     bar.close()
+    clock.finish(step, tokens_seen)
     train_seconds = time.perf_counter() - loop_started
+    timing = clock.summary()
 
     # --- final evaluation, checkpoint, metrics --------------------------------------------
     final = _evaluate_and_keep_best(unwrapped, tokenizer, task, params, encoders, dev_ref, device, step, best,
@@ -435,7 +424,10 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
         "train/seconds": train_seconds,
         "train/tokens": tokens,
         "train/tokens_per_second": tokens / train_seconds if train_seconds > 0 and steps_run else 0.0,
-        "train/peak_memory_bytes": _peak_memory_bytes(device),
+        "train/first_step_seconds": timing["first_step_seconds"],
+        "train/steady_steps_per_second": _rate(timing["steady_steps"], timing["steady_seconds"]),
+        "train/steady_tokens_per_second": _rate(timing["steady_units"], timing["steady_seconds"]),
+        "train/peak_memory_bytes": peak_memory_bytes(device),
         "train/trainable_parameters": trainable,
         "train/total_parameters": total,
         "reference/seconds": reference_seconds,
@@ -474,6 +466,10 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, best: dict, 
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def _rate(amount, seconds) -> float | None:
+    return amount / seconds if amount is not None and seconds else None
 
 
 def _last_loss(history_path: Path) -> float | None:

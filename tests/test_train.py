@@ -46,6 +46,9 @@ def test_sft_writes_the_run_directory_and_loss_falls(sft_run):
     assert losses_logged[-1] < losses_logged[0]
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and "eval/f1" in metrics
     assert metrics["train/tokens_per_second"] > 0 and metrics["train/peak_memory_bytes"] > 0
+    # 16 steps: step 1 is timed from the call, steady throughput from step 3 (the warm-up) on.
+    assert 0 < metrics["train/first_step_seconds"] < metrics["run/seconds"]
+    assert metrics["train/steady_steps_per_second"] > 0 and metrics["train/steady_tokens_per_second"] > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["files_sha256"]["quora-pairs.tsv"].startswith("66279661d492")
     assert manifest["packages"]["torch"] and manifest["seed"] == params.seed
@@ -206,3 +209,16 @@ def test_hub_model_offline_fails_clearly(tmp_path):
     assert proc.returncode == 2
     assert "could not load model 'openai-community/gpt2'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_local_model_directory_is_identified_by_its_weights_not_its_name(tmp_path):
+    """Reference caches are keyed by the starting weights: overwriting a model directory in
+    place must not reuse log-probs computed from the old weights."""
+    from prefnb.models import build_tiny, weights_identity
+
+    build_tiny(0)[0].save_pretrained(tmp_path / "seed0")
+    build_tiny(0)[0].save_pretrained(tmp_path / "overwritten")
+    before = weights_identity(str(tmp_path / "overwritten"), seed=0)
+    assert before == weights_identity(str(tmp_path / "seed0"), seed=0)  # same weights, other name
+    build_tiny(1)[0].save_pretrained(tmp_path / "overwritten")
+    assert weights_identity(str(tmp_path / "overwritten"), seed=0) != before

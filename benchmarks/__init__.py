@@ -1,0 +1,1 @@
+"""Speed and memory of prefnb against TRL on identical work (`python -m benchmarks`)."""

@@ -1,0 +1,225 @@
+"""`python -m benchmarks`: prefnb and TRL side by side on identical work, as ratios.
+
+Each measurement runs in a fresh process (see `benchmarks/worker.py`). Reported per
+framework: DPO pairs/s, SFT non-pad tokens/s, steps/s, MFU, peak memory, time to first
+step (from process spawn: interpreter, imports, data, model, reference log-probs), and
+the end-to-end time of a 6-value β sweep. Throughput is steady-state: the first
+`prefnb.timing.timing_warmup_steps(steps)` steps are left out for every framework.
+
+Results go to `benchmarks/results/<device>.json` and `.md`; `benchmarks/RESULTS.md` is
+rebuilt from every device's latest JSON, so it never holds a number typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks import targets as targets_lib
+from benchmarks.work import GPU_PEAK_BF16, Work, model_config, model_dir, sequence_lengths, stream_rows, training_flops
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+BETAS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel")
+
+
+class BenchmarkError(RuntimeError):
+    """A measurement failed; the message holds the worker's last lines."""
+
+
+# ---------------------------------------------------------------------------------------
+# running one measurement
+# ---------------------------------------------------------------------------------------
+def measure(framework: str, work: Work, *, beta: float = 0.1, cache_dir: Path | None = None) -> dict:
+    """Run one worker process and return its JSON result."""
+    with tempfile.TemporaryDirectory(prefix="prefnb-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "benchmarks.worker", framework, work.to_json(), str(out),
+               "--spawned-at", repr(time.time()), "--beta", repr(beta)]
+        if cache_dir is not None:
+            cmd += ["--cache-dir", str(cache_dir)]
+        proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+            raise BenchmarkError(f"{framework} on {work.task}/{work.kind} (β={beta}) failed "
+                                 f"(exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def describe_work(work: Work, peak_flops: float | None) -> dict:
+    """What the frameworks do per step, computed once from the data (not timed)."""
+    rows = stream_rows(work)
+    lengths = sequence_lengths(work, rows)
+    config = model_config(work)
+    from prefnb.timing import timing_warmup_steps
+
+    steady = lengths[timing_warmup_steps(work.steps):]  # the steps both frameworks are timed over
+    return {
+        "work": asdict(work),
+        "sequences_per_step": len(lengths[0]),
+        "mean_sequence_tokens": sum(map(sum, lengths)) / sum(map(len, lengths)),
+        "max_sequence_tokens": max(map(max, lengths)),
+        "steady_tokens_per_step": sum(map(sum, steady)) / len(steady),
+        "steady_flops_per_step": sum(training_flops(config, step) for step in steady) / len(steady),
+        "peak_flops": peak_flops,
+    }
+
+
+def derive(result: dict, described: dict) -> dict:
+    """Throughputs from steady steps/s and the known work per step."""
+    steps_per_s = result["steady_steps_per_second"]
+    work = described["work"]
+    out = dict(result)
+    out["pairs_per_second"] = steps_per_s * work["batch_size"] if work["kind"] == "dpo" else None
+    out["tokens_per_second"] = steps_per_s * described["steady_tokens_per_step"]
+    peak = described["peak_flops"]
+    out["mfu"] = steps_per_s * described["steady_flops_per_step"] / peak if peak else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the device
+# ---------------------------------------------------------------------------------------
+def device_info(device: str) -> dict:
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if name.startswith(k)), None)
+        return {"kind": "gpu", "name": name, "peak_flops": peak,
+                "peak_flops_source": "vendor dense bf16 peak" if peak else "unknown device: MFU not reported"}
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "peak_flops": measured_matmul_flops(),
+            "peak_flops_source": "measured fp32 matmul rate (1024×1024), not a datasheet peak"}
+
+
+def measured_matmul_flops(size: int = 1024, seconds: float = 1.0) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - started)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------
+def run(args) -> dict:
+    import torch
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda: no CUDA device is visible")
+    gpu = device == "cuda"
+    model = args.model or ("gpt2-124m" if gpu else "tiny")
+    steps = args.steps or (60 if gpu else 30)
+    batch = args.batch_size or (32 if gpu else 8)
+    precision = "bf16" if gpu else "fp32"
+    info = device_info(device)
+    print(f"device: {info['name']} ({device}); model {model}; batch {batch}; {steps} steps; {precision}", flush=True)
+    model_dir(model)  # built once, before anything is timed
+
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": info,
+              "versions": versions(), "settings": {"model": model, "steps": steps, "batch_size": batch,
+                                                    "precision": precision, "betas": list(BETAS)},
+              "work": [], "measurements": [], "sweep": None}
+    for task in args.tasks:
+        for kind in args.kinds:
+            work = Work(model=model, task=task, kind=kind, batch_size=batch, steps=steps, precision=precision)
+            described = describe_work(work, info["peak_flops"])
+            report["work"].append(described)
+            for framework in args.frameworks:
+                print(f"  {task:<10} {kind:<3} {framework:<11} ", end="", flush=True)
+                result = derive(measure(framework, work), described)
+                report["measurements"].append({"task": task, "kind": kind, "framework": framework, **result})
+                print(f"{result['steady_steps_per_second']:8.2f} steps/s  first step {result['first_step_seconds']:6.1f} s"
+                      f"  peak {result['peak_memory_bytes'] / 2**20:7.0f} MiB", flush=True)
+    if args.sweep and "dpo" in args.kinds:
+        report["sweep"] = run_sweep(Work(model=model, task=args.tasks[0], kind="dpo", batch_size=batch, steps=steps,
+                                         precision=precision), concurrency=args.sweep_concurrency)
+    report["targets"] = targets_lib.evaluate(report)
+    return report
+
+
+def run_sweep(work: Work, *, concurrency: int) -> dict:
+    """Six β values end to end: prefnb (one shared reference cache) vs six TRL default runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = {"task": work.task, "betas": list(BETAS), "concurrency": concurrency}
+    with tempfile.TemporaryDirectory(prefix="prefnb-sweep-cache-") as cache:
+        started = time.time()
+        first = measure("prefnb", work, beta=BETAS[0], cache_dir=Path(cache))  # fills the reference cache
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:  # the rest may share one GPU
+            rest = list(pool.map(lambda b: measure("prefnb", work, beta=b, cache_dir=Path(cache)), BETAS[1:]))
+        out["prefnb_seconds"] = time.time() - started
+        out["prefnb_reference_seconds"] = [r["reference_seconds"] for r in [first, *rest]]
+    print(f"  β sweep    prefnb      {out['prefnb_seconds']:8.1f} s for 6 runs", flush=True)
+    started = time.time()
+    for beta in BETAS:
+        measure("trl-default", work, beta=beta)
+    out["trl_default_seconds"] = time.time() - started
+    print(f"  β sweep    trl-default {out['trl_default_seconds']:8.1f} s for 6 runs", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--model", choices=("tiny", "gpt2-124m"), default=None,
+                        help="default: gpt2-124m on CUDA, tiny on CPU")
+    parser.add_argument("--tasks", nargs="+", choices=("paraphrase", "sonnets"), default=["paraphrase", "sonnets"])
+    parser.add_argument("--kinds", nargs="+", choices=("dpo", "sft"), default=["dpo", "sft"])
+    parser.add_argument("--frameworks", nargs="+", choices=("prefnb", "trl-default", "trl-tuned"),
+                        default=["prefnb", "trl-default", "trl-tuned"])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 60 GPU, 30 CPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs or examples per step (default: 32 GPU, 8 CPU)")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the 6-value β sweep")
+    parser.add_argument("--sweep-concurrency", type=int, default=1,
+                        help="prefnb sweep runs sharing the device at once, after the first (default 1)")
+    parser.add_argument("--no-save", dest="save", action="store_false",
+                        help="print only: leave benchmarks/results and RESULTS.md untouched")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args)
+    except BenchmarkError as err:
+        print(f"\nbenchmark failed: {err}", file=sys.stderr)
+        return 1
+    from benchmarks import markdown
+
+    text = markdown.report_markdown(report)
+    print("\n" + text)
+    if args.save and set(args.frameworks) == {"prefnb", "trl-default", "trl-tuned"}:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        kind = report["device"]["kind"]
+        (RESULTS_DIR / f"{kind}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (HERE / "RESULTS.md").write_text(markdown.results_page(RESULTS_DIR))
+        print(f"saved: benchmarks/results/{kind}.json; benchmarks/RESULTS.md rebuilt")
+    return 0

@@ -1,0 +1,99 @@
+"""Wall-clock marks of a training loop: time to first step and steady-state throughput.
+
+A GPU runs ahead of the host, so an honest time needs a device sync. The clock syncs
+only at its marks (the end of step 1, the end of the warm-up steps, the end of the
+loop): three syncs per run, none per step. The same clock times prefnb's loop and, in
+`benchmarks/`, TRL's, so the two are measured the same way.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def timing_warmup_steps(max_steps: int) -> int:
+    """Steps left out of steady-state throughput (allocator, autotuning, compilation):
+    a fifth of the run, at least 1 and at most 10."""
+    return max(1, min(10, max_steps // 5))
+
+
+def synchronize(device) -> None:
+    """Wait for queued device work, so that the host clock covers it (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StepClock:
+    """Marks a loop's progress against the time it started.
+
+    ``started`` is a ``time.perf_counter()`` value: when the run was asked for, so that
+    ``first_step_seconds`` counts everything a user waits for before training begins.
+    """
+
+    device: object
+    max_steps: int
+    started: float = field(default_factory=time.perf_counter)
+    first_step_seconds: float | None = None
+    _warm_at: float | None = None
+    _warm_step: int | None = None
+    _warm_units: float = 0.0
+    _end_at: float | None = None
+    _end_step: int | None = None
+    _end_units: float = 0.0
+
+    @property
+    def warmup_steps(self) -> int:
+        return timing_warmup_steps(self.max_steps)
+
+    def wants_mark(self, step: int) -> bool:
+        """Whether `step_done(step, ...)` will sync: callers can skip computing its units otherwise."""
+        return step == 1 or step == self.warmup_steps
+
+    def step_done(self, step: int, units=None) -> None:
+        """Call after optimiser step ``step`` (1-based). ``units`` (tokens or examples seen so
+        far, a number or a device scalar) is read only at marks."""
+        if not self.wants_mark(step):
+            return
+        synchronize(self.device)
+        now = time.perf_counter()
+        if step == 1:
+            self.first_step_seconds = now - self.started
+        if step == self.warmup_steps:
+            self._warm_at, self._warm_step, self._warm_units = now, step, _as_float(units)
+
+    def finish(self, step: int, units=None) -> None:
+        """Call once after the last optimiser step."""
+        synchronize(self.device)
+        self._end_at, self._end_step, self._end_units = time.perf_counter(), step, _as_float(units)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """first_step_seconds; steady_steps/seconds/units after the warm-up (None if the run
+        was too short to have a steady part, or resumed past the warm-up)."""
+        steady = (self._warm_at is not None and self._end_at is not None and self._end_step > self._warm_step)
+        return {
+            "first_step_seconds": self.first_step_seconds,
+            "steady_steps": self._end_step - self._warm_step if steady else None,
+            "steady_seconds": self._end_at - self._warm_at if steady else None,
+            "steady_units": self._end_units - self._warm_units if steady else None,
+        }
+
+
+def peak_memory_bytes(device) -> int:
+    """GPU: peak memory allocated by torch. CPU: peak resident set size of the whole process
+    (interpreter and imports included, so compare it between processes doing the same work)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _as_float(units) -> float:
+    if units is None:
+        return 0.0
+    return float(units.item()) if isinstance(units, torch.Tensor) else float(units)
