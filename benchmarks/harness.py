@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", dest="save", action="store_false",
                         help="print only: leave benchmarks/results and RESULTS.md untouched")
     args = parser.parse_args(argv)
+    logging.getLogger("prefnb.data").setLevel(logging.ERROR)  # the data's known malformed rows, once per work
     try:
         report = run(args)
     except BenchmarkError as err:

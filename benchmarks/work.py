@@ -1,9 +1,10 @@
 """The work both frameworks do: one model directory, one stream of batches, one FLOP count.
 
 prefnb reads its rows through its own data pipeline (the study's files, split by
-``data_seed``, capped at ``steps × batch`` examples so each is seen once) and visits them
-in the order of ``prefnb.train.batch_indices``. TRL is handed the same rows in that same
-order with a sequential sampler, so step k of both frameworks sees the same examples.
+``data_seed``, capped at ``steps × batch`` examples, so each is seen once where the task has
+that many) and visits them in the order of ``prefnb.train.batch_indices``. TRL is handed the
+same rows in that same order with a sequential sampler, so step k of both frameworks sees
+the same examples.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def prefnb_params(work: Work, *, output_dir: Path, cache_dir: Path, beta: float 
 
 
 def stream_rows(work: Work) -> list[dict]:
-    """The training rows in the order prefnb visits them (``steps × batch`` rows).
+    """The training rows in the order prefnb visits them (``steps × batch`` rows; a small
+    task's rows come round again, epoch after epoch, as in prefnb).
 
     DPO: prompt/chosen/rejected; SFT: prompt/completion (TRL's column names).
     """
@@ -133,8 +135,7 @@ def stream_rows(work: Work) -> list[dict]:
     params = prefnb_params(work, output_dir=WORK_DIR / "unused", cache_dir=WORK_DIR / "unused")
     task = data_lib.load_task(params)
     rows = task.train_pairs if work.kind == "dpo" else task.train_sft
-    if len(rows) < work.examples:
-        raise ValueError(f"{work.task} has {len(rows)} training rows; {work.examples} are needed")
+    # Fewer rows than steps × batch (131 training sonnets): the stream goes round in epochs.
     order = [i for step in range(work.steps)
              for i in batch_indices(step, n=len(rows), batch_size=work.batch_size, seed=params.seed)]
     return [rows[i] for i in order]

@@ -1,9 +1,10 @@
 """Tokenising (prompt, response) pairs and scoring responses: memory-lean log-probs.
 
 Every objective needs log π(y_t | x, y_<t) at the response tokens only. Sequences are
-left-padded so that all responses end at the last position; the model is run for its
-hidden states, and the LM head is applied only at the positions that predict a response
-token — never a full [batch, length, vocab] logits tensor, and nothing on the prompt.
+left-padded; the model is run for its hidden states, and the LM head is applied only at
+the positions that predict a response token — never a full [batch, length, vocab] logits
+tensor, and nothing on the prompt. A preference pair whose two responses share a prompt
+can be scored in one row, the prompt run once (:func:`collate_pairs`).
 """
 
 from __future__ import annotations
@@ -52,23 +53,111 @@ def start_token_id(tokenizer) -> int:
 
 
 def collate(items: Sequence[Encoded], pad_id: int, device=None) -> dict[str, Tensor]:
-    """Left-pad a batch. Returns input_ids, attention_mask, position_ids [B, L] and
-    response_mask [B, L] (1 on response tokens)."""
+    """Left-pad a batch of S sequences into [S, L] rows.
+
+    Returns input_ids, attention_mask (2-D padding mask), position_ids [S, L], and the
+    response tokens as flat indices (see :func:`_with_targets`).
+    """
     length = max(len(e.ids) for e in items)
     batch = len(items)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    response_mask = torch.zeros((batch, length), dtype=torch.bool)
+    targets, predictors, sequences = [], [], []
     for i, e in enumerate(items):
         n = len(e.ids)
         input_ids[i, length - n:] = torch.tensor(e.ids)
         attention_mask[i, length - n:] = 1
-        response_mask[i, length - e.n_response:] = True
+        # The token at column t is predicted by the hidden state at column t - 1.
+        first = i * length + length - e.n_response
+        targets.append(torch.arange(first, first + e.n_response))
+        predictors.append(targets[-1] - 1)
+        sequences.append(torch.full((e.n_response,), i))
     # Left padding shifts real tokens right: positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               response_mask=response_mask)
+    out = _with_targets(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids),
+                        targets, predictors, sequences, [e.n_response for e in items], sum(len(e.ids) for e in items))
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int, device=None, *,
+                  hidden_size: int | None = None) -> dict[str, Tensor]:
+    """A batch of B preference pairs as 2B scored sequences: [chosen; rejected].
+
+    Where every pair's chosen and rejected share their prompt and it saves compute (see
+    :func:`shared_prompt_pays`; ``hidden_size`` is the model width, None = never share),
+    each pair is one row, prompt + chosen + rejected, with a mask that hides chosen from
+    rejected and rejected positions restarting after the prompt: the prompt goes through
+    the model once instead of twice, and every log-prob equals the two-row layout's up to
+    float rounding. Otherwise this is ``collate(chosen + rejected)``.
+    """
+    if hidden_size is None or not shared_prompt_pays(chosen, rejected, hidden_size):
+        return collate(list(chosen) + list(rejected), pad_id, device)
+    pairs = len(chosen)
+    length = max(len(c.ids) + r.n_response for c, r in zip(chosen, rejected))
+    input_ids = torch.full((pairs, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((pairs, length), dtype=torch.long)
+    # Boolean [B, 1, L, L], True = may attend; handed to the model as is (a prepared 4-D mask).
+    allowed = torch.zeros((pairs, 1, length, length), dtype=torch.bool)
+    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    targets, predictors, sequences = ([None] * (2 * pairs) for _ in range(3))
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        n_prompt, n_c, n_r = len(c.ids) - c.n_response, c.n_response, r.n_response
+        start = length - (n_prompt + n_c + n_r)
+        c_start, r_start = start + n_prompt, start + n_prompt + n_c
+        input_ids[i, start:] = torch.tensor(c.ids + r.ids[n_prompt:])
+        position_ids[i, start:r_start] = torch.arange(n_prompt + n_c)
+        position_ids[i, r_start:] = torch.arange(n_prompt, n_prompt + n_r)
+        allowed[i, 0, start:, start:] = causal[: length - start, : length - start]
+        allowed[i, 0, r_start:, c_start:r_start] = False  # rejected never sees chosen
+        base = i * length
+        targets[i] = base + torch.arange(c_start, c_start + n_c)
+        targets[pairs + i] = base + torch.arange(r_start, r_start + n_r)
+        predictors[i] = targets[i] - 1
+        # The first rejected token is predicted from the prompt's last position, like the first chosen one.
+        predictors[pairs + i] = torch.cat([targets[i][:1] - 1, targets[pairs + i][:-1]])
+        sequences[i], sequences[pairs + i] = torch.full((n_c,), i), torch.full((n_r,), pairs + i)
+    idx = torch.arange(length)
+    allowed[:, 0, idx, idx] = True  # padding rows attend to themselves (no all-masked row, no NaN)
+    out = _with_targets(dict(input_ids=input_ids, attention_mask=allowed, position_ids=position_ids), targets,
+                        predictors, sequences, [c.n_response for c in chosen] + [r.n_response for r in rejected],
+                        sum(len(e.ids) for e in (*chosen, *rejected)))
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def shared_prompt_pays(chosen: Sequence[Encoded], rejected: Sequence[Encoded], hidden_size: int) -> bool:
+    """Whether one row per pair costs fewer FLOPs than two rows per pair.
+
+    Every pair must have the same prompt tokens on both sides (truncation can make them
+    differ). A padded row of length L costs about L·(6d + L) in a transformer of width d
+    (linear layers 24·d² per token, attention 4·d per query–key pair, per layer): sharing
+    removes the duplicate prompt but makes rows longer, so it pays for long prompts with
+    short responses (paraphrase) and not for short prompts with long responses (byte-level
+    sonnets on a narrow model).
+    """
+    for c, r in zip(chosen, rejected):
+        if c.ids[: len(c.ids) - c.n_response] != r.ids[: len(r.ids) - r.n_response]:
+            return False
+    separate = max(max(len(c.ids), len(r.ids)) for c, r in zip(chosen, rejected))
+    shared = max(len(c.ids) + r.n_response for c, r in zip(chosen, rejected))
+    cost = lambda rows, length: rows * length * (6 * hidden_size + length)  # noqa: E731
+    return cost(len(chosen), shared) < cost(2 * len(chosen), separate)
+
+
+def _with_targets(batch: dict[str, Tensor], targets: list[Tensor], predictors: list[Tensor],
+                  sequences: list[Tensor], response_lengths: list[int], n_tokens: int) -> dict[str, Tensor]:
+    """Add the scored tokens to a batch. Inputs are per sequence, as flat indices into the
+    [rows · L] positions. Adds, for each of the N response tokens: ``predictor`` (where the
+    hidden state that predicts it is), ``target`` (its token id) and ``sequence`` (which of
+    the S scored sequences it belongs to); ``response_lengths`` [S]; and ``n_tokens``, the
+    prompt + response tokens of the S sequences (a shared prompt counted per sequence, so
+    tokens/s measures the same work whichever layout is used)."""
+    def cat(parts: list[Tensor]) -> Tensor:
+        return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
+
+    batch.update(predictor=cat(predictors), target=batch["input_ids"].reshape(-1)[cat(targets)],
+                 sequence=cat(sequences), response_lengths=torch.tensor(response_lengths, dtype=torch.float32),
+                 n_tokens=torch.tensor(n_tokens))
+    return batch
 
 
 def response_token_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -76,21 +165,18 @@ def response_token_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tenso
 
     Args:
         model: a causal LM (transformers or peft-wrapped).
-        batch: from :func:`collate`; input_ids etc. [B, L].
+        batch: from :func:`collate` or :func:`collate_pairs`; input_ids etc. [rows, L].
     Returns:
-        (token_logps [N] float32, row [N] long): N = number of response tokens in the batch,
-        row = which sequence each token belongs to.
+        (token_logps [N] float32, sequence [N] long): N = number of response tokens in the
+        batch, sequence = which scored sequence each token belongs to.
     """
     # Only the final hidden states are needed; logits_to_keep=1 stops the model from
     # applying the LM head to every position (we do it below on the positions that matter).
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hidden = out.hidden_states[-1]  # [B, L, d], final layer norm applied
-    # The token at position t is predicted by the hidden state at t - 1.
-    predicts = batch["response_mask"][:, 1:]  # [B, L-1]
-    rows, cols = predicts.nonzero(as_tuple=True)
-    states = hidden[:, :-1][rows, cols]  # [N, d]
-    targets = batch["input_ids"][:, 1:][rows, cols]  # [N]
+    hidden = out.hidden_states[-1]  # [rows, L, d], final layer norm applied
+    states = hidden.reshape(-1, hidden.shape[-1])[batch["predictor"]]  # [N, d]
+    targets = batch["target"]  # [N]
     head = model.get_output_embeddings()
     pieces = []
     for start in range(0, states.shape[0], HEAD_CHUNK):
@@ -98,15 +184,14 @@ def response_token_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tenso
         target_logits = logits.gather(-1, targets[start:start + HEAD_CHUNK, None]).squeeze(-1)
         pieces.append(target_logits - logits.logsumexp(-1))
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    return token_logps, rows
+    return token_logps, batch["sequence"]
 
 
 def sequence_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(summed log π(y|x) [B] float32, response lengths [B] float32)."""
-    token_logps, rows = response_token_logps(model, batch)
-    size = batch["input_ids"].shape[0]
-    sums = torch.zeros(size, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
-    lengths = batch["response_mask"].sum(-1).float()
+    """(summed log π(y|x) [S] float32, response lengths [S] float32) of the S scored sequences."""
+    token_logps, sequence = response_token_logps(model, batch)
+    lengths = batch["response_lengths"]
+    sums = torch.zeros(lengths.shape[0], dtype=torch.float32, device=token_logps.device).index_add(0, sequence, token_logps)
     return sums, lengths
 
 

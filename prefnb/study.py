@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from prefnb.config import ParamsError
-from prefnb.execute import (FAILED, acquire_lock, error_line, execute_notebook, execute_run, key_metric, lock_path,
+from prefnb.execute import (acquire_lock, error_line, execute_notebook, execute_run, key_metric, lock_path,
                             release_lock, run_seconds, state)
 from prefnb.grid import Run, Study, expand, run_summary
-from prefnb.rundir import MARKER, is_finished
+from prefnb.rundir import is_finished
 
 POLL_SECONDS = 5.0
 

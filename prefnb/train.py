@@ -27,7 +27,7 @@ from prefnb import data as data_lib
 from prefnb import evaluate, losses, models
 from prefnb.cache import cache_key, cached
 from prefnb.config import RunParams, save_params
-from prefnb.logprobs import Encoded, collate, encode, response_token_logps, score_all, sequence_logps, start_token_id
+from prefnb.logprobs import Encoded, collate, collate_pairs, encode, response_token_logps, score_all, sequence_logps, start_token_id
 from prefnb.manifest import write_manifest
 from prefnb.rundir import atomic_write_json, now_iso
 from prefnb.timing import StepClock, peak_memory_bytes
@@ -73,7 +73,8 @@ def sft_step(model, batch, params: RunParams):
 
 
 def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected):
-    """Chosen and rejected in one concatenated forward ([chosen; rejected] along the batch)."""
+    """Chosen and rejected in one forward: [chosen; rejected] rows, or one row per pair with
+    the prompt shared (`prefnb.logprobs.collate_pairs`)."""
     logps, lengths = sequence_logps(model, batch)
     pc, pr = logps.chunk(2)
     lc, lr = lengths.chunk(2)
@@ -92,6 +93,26 @@ def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected):
         "logps/rejected": pr.detach().mean(),
     }
     return loss, metrics
+
+
+def lr_scheduler(optimizer, kind: str, *, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0, then linear decay to 0, half a cosine down to 0, or constant.
+
+    The same multipliers as transformers' `get_scheduler` ("linear", "cosine",
+    "constant_with_warmup"; a test compares them), without importing its trainer stack,
+    which costs seconds of start-up on a small CPU.
+    """
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,14 +263,12 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
 
     The completion marker is not written here: the caller (CLI or study) writes it last.
     """
+    started, started_at = time.perf_counter(), now_iso()  # before the imports: start-up counts them
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the run's own progress
-
-    started, started_at = time.perf_counter(), now_iso()
     out_dir = params.resolved_output_dir()
     cache_dir = Path(params.cache_dir) if params.cache_dir else out_dir.parent.parent / ".cache"
     accelerator = Accelerator(mixed_precision=_mixed_precision(params), gradient_accumulation_steps=params.grad_accum_steps)
@@ -314,10 +333,11 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                                   weight_decay=params.weight_decay)
     # The scheduler is stepped by hand once per optimiser step (accelerate would scale it by
     # the number of processes).
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(params.lr_schedule, params.lr_schedule),
-                              optimizer, num_warmup_steps=params.warmup_steps, num_training_steps=params.max_steps)
+    scheduler = lr_scheduler(optimizer, params.lr_schedule, warmup_steps=params.warmup_steps,
+                             total_steps=params.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
+    hidden_size = getattr(unwrapped.config, "hidden_size", None)  # decides shared-prompt pair rows
 
     # --- resume -------------------------------------------------------------------------
     step, best = 0, {"metric": None, "value": None, "step": None, "metrics": {}}
@@ -358,8 +378,8 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                                 seed=params.seed, rank=accelerator.process_index, world=accelerator.num_processes)
             with accelerator.accumulate(policy), accelerator.autocast():
                 if params.is_preference:
-                    batch = collate([chosen_enc[i] for i in idx] + [rejected_enc[i] for i in idx],
-                                    tokenizer.pad_token_id, device)
+                    batch = collate_pairs([chosen_enc[i] for i in idx], [rejected_enc[i] for i in idx],
+                                          tokenizer.pad_token_id, device, hidden_size=hidden_size)
                     loss, metrics = preference_step(policy, batch, params, train_ref[0][idx].to(device),
                                                     train_ref[1][idx].to(device))
                 else:
@@ -370,7 +390,7 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                     metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            tokens_seen += batch["attention_mask"].sum()
+            tokens_seen += batch["n_tokens"]
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() / params.grad_accum_steps
             # Record the first non-finite step on the device; it is read at the next log.

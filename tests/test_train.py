@@ -222,3 +222,22 @@ def test_a_local_model_directory_is_identified_by_its_weights_not_its_name(tmp_p
     assert before == weights_identity(str(tmp_path / "seed0"), seed=0)  # same weights, other name
     build_tiny(1)[0].save_pretrained(tmp_path / "overwritten")
     assert weights_identity(str(tmp_path / "overwritten"), seed=0) != before
+
+
+@pytest.mark.parametrize("kind, theirs", [("linear", "linear"), ("cosine", "cosine"),
+                                          ("constant", "constant_with_warmup")])
+def test_lr_schedules_match_transformers(kind, theirs):
+    from transformers import get_scheduler
+
+    def rates(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler, out = make(optimizer), []
+        for _ in range(25):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours = rates(lambda o: train_mod.lr_scheduler(o, kind, warmup_steps=5, total_steps=20))
+    reference = rates(lambda o: get_scheduler(theirs, o, num_warmup_steps=5, num_training_steps=20))
+    assert ours == pytest.approx(reference, abs=1e-12) and ours[0] == 0.0 and max(ours) == 0.5
