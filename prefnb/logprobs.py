@@ -208,7 +208,37 @@ def score_all(model, items: Sequence[Encoded], *, pad_id: int, batch_size: int, 
         logps, _ = sequence_logps(model, collate([items[i] for i in idx], pad_id, device))
         out.append(logps)
     model.train(was_training)
-    scores = torch.cat(out) if out else torch.zeros(0)
+    return _in_original_order(out, order)
+
+
+@torch.no_grad()
+def score_pairs(model, chosen: Sequence[Encoded], rejected: Sequence[Encoded], *, pad_id: int, batch_size: int,
+                device) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs of many pairs, in order, without gradients: ([P], [P]).
+
+    ``batch_size`` counts sequences (two per pair), as in :func:`score_all`; pairs whose
+    prompt is shared are scored in one row each where that saves compute.
+    """
+    was_training = model.training
+    model.eval()
+    hidden_size = getattr(model.config, "hidden_size", None)
+    order = sorted(range(len(chosen)), key=lambda i: max(len(chosen[i].ids), len(rejected[i].ids)))
+    step = max(1, batch_size // 2)
+    out_chosen, out_rejected = [], []
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        logps, _ = sequence_logps(model, collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id,
+                                                       device, hidden_size=hidden_size))
+        c, r = logps.chunk(2)
+        out_chosen.append(c)
+        out_rejected.append(r)
+    model.train(was_training)
+    return _in_original_order(out_chosen, order), _in_original_order(out_rejected, order)
+
+
+def _in_original_order(parts: list[Tensor], order: list[int]) -> Tensor:
+    """Scores computed in ``order`` (batch by batch), put back at their original indices, on CPU."""
+    scores = torch.cat(parts).cpu() if parts else torch.zeros(0)
     result = torch.empty_like(scores)
-    result[torch.tensor(order, device=scores.device)] = scores
-    return result.cpu()
+    result[torch.tensor(order, dtype=torch.long)] = scores
+    return result

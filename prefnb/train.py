@@ -17,7 +17,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ from prefnb import data as data_lib
 from prefnb import evaluate, losses, models
 from prefnb.cache import cache_key, cached
 from prefnb.config import RunParams, save_params
-from prefnb.logprobs import Encoded, collate, collate_pairs, encode, response_token_logps, score_all, sequence_logps, start_token_id
+from prefnb.logprobs import (Encoded, collate, collate_pairs, encode, response_token_logps, score_all, score_pairs,
+                             sequence_logps, start_token_id)
 from prefnb.manifest import write_manifest
 from prefnb.rundir import atomic_write_json, now_iso
 from prefnb.timing import StepClock, peak_memory_bytes
@@ -51,11 +52,17 @@ class Encoders:
     tokenizer: object
     max_length: int
     add_eos: bool
+    # Each (prompt, response) is tokenised once per run, though references, training and
+    # evaluation all ask for it (slow tokenizers make this seconds of start-up).
+    _memo: dict = field(default_factory=dict, repr=False)
 
     def one(self, prompt: str, response: str, *, prior: bool = False) -> Encoded:
-        prompt_ids = [start_token_id(self.tokenizer)] if prior else None
-        return encode(self.tokenizer, prompt, response, max_length=self.max_length, add_eos=self.add_eos,
-                      prompt_ids=prompt_ids)
+        key = (prompt, response, prior)
+        if key not in self._memo:
+            prompt_ids = [start_token_id(self.tokenizer)] if prior else None
+            self._memo[key] = encode(self.tokenizer, prompt, response, max_length=self.max_length,
+                                     add_eos=self.add_eos, prompt_ids=prompt_ids)
+        return self._memo[key]
 
     def pairs(self, rows, *, prior: bool = False) -> tuple[list[Encoded], list[Encoded]]:
         return ([self.one(r["prompt"], r["chosen"], prior=prior) for r in rows],
@@ -168,9 +175,9 @@ def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoder
     def compute():
         ref_model = models.load_reference_model(kind, tokenizer, params.seed).to(device) if separate else start_model
         chosen, rejected = encoders.pairs(rows, prior=kind == "prior")
-        scores = score_all(ref_model, chosen + rejected, pad_id=tokenizer.pad_token_id,
-                           batch_size=params.eval_batch_size, device=device)
-        return {"chosen": scores[:len(rows)], "rejected": scores[len(rows):]}
+        scores = score_pairs(ref_model, chosen, rejected, pad_id=tokenizer.pad_token_id,
+                             batch_size=params.eval_batch_size, device=device)
+        return {"chosen": scores[0], "rejected": scores[1]}
 
     value, hit = cached(cache_dir, "reference_logps", key, compute)
     log.info("reference log-probs (%s, %s split, %d pairs): %s", kind, split, len(rows), "cache hit" if hit else "computed")
@@ -215,11 +222,10 @@ def run_evaluation(model, tokenizer, task: data_lib.TaskData, params: RunParams,
         metrics["eval/loss"] = float(-scores.sum() / sum(e.n_response for e in items))
     if task.dev_pairs:
         chosen, rejected = encoders.pairs(task.dev_pairs)
-        scores = score_all(model, chosen + rejected, pad_id=tokenizer.pad_token_id,
-                           batch_size=params.eval_batch_size, device=device)
-        n = len(task.dev_pairs)
+        chosen_scores, rejected_scores = score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id,
+                                                     batch_size=params.eval_batch_size, device=device)
         metrics["eval/implicit_reward_accuracy"] = evaluate.implicit_reward_accuracy(
-            scores[:n], scores[n:], dev_ref[0], dev_ref[1])
+            chosen_scores, rejected_scores, dev_ref[0], dev_ref[1])
     return metrics
 
 

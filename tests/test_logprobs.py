@@ -59,3 +59,13 @@ def test_sharing_is_used_only_where_prompts_match_and_it_saves_compute():
     assert not shared_prompt_pays(chosen[2:], truncated, hidden_size=64)  # the prompts were cut differently
     batch = collate_pairs(chosen[2:], truncated, tokenizer.pad_token_id, hidden_size=64)
     assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].dim() == 2  # fell back to two rows
+
+
+def test_score_pairs_equals_scoring_every_sequence_alone():
+    from prefnb.logprobs import score_all, score_pairs
+
+    model, tokenizer = models.build_tiny(0)
+    chosen, rejected = encoded_pairs(tokenizer)
+    both = score_all(model, chosen + rejected, pad_id=tokenizer.pad_token_id, batch_size=2, device="cpu")
+    c, r = score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
+    torch.testing.assert_close(torch.cat([c, r]), both, rtol=1e-5, atol=1e-4)
