@@ -62,7 +62,7 @@ def load_pretrained(name: str):
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise ModelLoadError(
             f"could not load model '{name}' ({where}): {first}. If the hub is unreachable, download the model "
             "on a machine with network (`huggingface-cli download NAME`) and set HF_HUB_OFFLINE=1, or pass a "
