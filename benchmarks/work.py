@@ -2,7 +2,7 @@
 
 prefnb reads its rows through its own data pipeline (the study's files, split by
 ``data_seed``, capped at ``steps × batch`` examples, so each is seen once where the task has
-that many) and visits them in the order of ``prefnb.train.batch_indices``. TRL is handed the
+that many) and visits them in the order of ``prefnb.schedule.batch_indices``. TRL is handed the
 same rows in that same order with a sequential sampler, so step k of both frameworks sees
 the same examples.
 """
@@ -130,7 +130,7 @@ def stream_rows(work: Work) -> list[dict]:
     DPO: prompt/chosen/rejected; SFT: prompt/completion (TRL's column names).
     """
     from prefnb import data as data_lib
-    from prefnb.train import batch_indices
+    from prefnb.schedule import batch_indices
 
     params = prefnb_params(work, output_dir=WORK_DIR / "unused", cache_dir=WORK_DIR / "unused")
     task = data_lib.load_task(params)

@@ -31,6 +31,7 @@ from prefnb.logprobs import (Encoded, collate, collate_pairs, encode, response_t
                              sequence_logps, start_token_id)
 from prefnb.manifest import write_manifest
 from prefnb.rundir import atomic_write_json, now_iso
+from prefnb.schedule import batch_indices, lr_scheduler
 from prefnb.timing import StepClock, peak_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -100,55 +101,6 @@ def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected):
         "logps/rejected": pr.detach().mean(),
     }
     return loss, metrics
-
-
-def lr_scheduler(optimizer, kind: str, *, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0, then linear decay to 0, half a cosine down to 0, or constant.
-
-    The same multipliers as transformers' `get_scheduler` ("linear", "cosine",
-    "constant_with_warmup"; a test compares them), without importing its trainer stack,
-    which costs seconds of start-up on a small CPU.
-    """
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        if kind == "cosine":
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-
-
-# ---------------------------------------------------------------------------------------
-# data order: a deterministic stream, so that resuming at step k sees the same batches
-# ---------------------------------------------------------------------------------------
-def batch_indices(micro_step: int, *, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Example indices of one micro-batch on one process.
-
-    The data is an endless stream of epochs, each a permutation seeded by (seed, epoch);
-    micro-batch m of the global run covers stream positions [m·B·W, (m+1)·B·W), and
-    process r takes its B of them.
-    """
-    start = (micro_step * world + rank) * batch_size
-    out = []
-    for pos in range(start, start + batch_size):
-        epoch, offset = divmod(pos, n)
-        out.append(int(_epoch_permutation(n, seed, epoch)[offset]))
-    return out
-
-
-_PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERMUTATIONS:
-        _PERMUTATIONS.clear()  # only the current epoch (and the next) are ever needed
-        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERMUTATIONS[key]
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefnb import losses, models, train as train_mod
+from prefnb import losses, models, schedule, train as train_mod
 from prefnb.cli import main as cli_main
 from prefnb.config import resolve_params
 from prefnb.logprobs import collate, encode
@@ -238,6 +238,6 @@ def test_lr_schedules_match_transformers(kind, theirs):
             scheduler.step()
         return out
 
-    ours = rates(lambda o: train_mod.lr_scheduler(o, kind, warmup_steps=5, total_steps=20))
+    ours = rates(lambda o: schedule.lr_scheduler(o, kind, warmup_steps=5, total_steps=20))
     reference = rates(lambda o: get_scheduler(theirs, o, num_warmup_steps=5, num_training_steps=20))
     assert ours == pytest.approx(reference, abs=1e-12) and ours[0] == 0.0 and max(ours) == 0.5
