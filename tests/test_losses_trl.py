@@ -19,7 +19,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from prefnb.losses import preference_loss
 
