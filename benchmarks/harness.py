@@ -118,16 +118,9 @@ def measured_matmul_flops(size: int = 1024, seconds: float = 1.0) -> float:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from prefnb.manifest import code_version, package_versions
 
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True)
-    out = {"prefnb": commit.stdout.strip() or None, "python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"prefnb": code_version(), "python": platform.python_version(), **package_versions(PACKAGES)}
 
 
 # ---------------------------------------------------------------------------------------

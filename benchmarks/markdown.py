@@ -37,9 +37,9 @@ def ratios_table(report: dict) -> str:
     rows = []
     for task in targets_lib.TASKS:
         for kind in ("dpo", "sft"):
-            ours = targets_lib._find(report, task, kind, "prefnb")
+            ours = targets_lib.find_measurement(report, task, kind, "prefnb")
             for baseline in FRAMEWORK_ORDER[1:]:
-                theirs = targets_lib._find(report, task, kind, baseline)
+                theirs = targets_lib.find_measurement(report, task, kind, baseline)
                 if not (ours and theirs):
                     continue
                 speed = ours["steady_steps_per_second"] / theirs["steady_steps_per_second"]

@@ -27,7 +27,7 @@ SWEEP_BOUND = 6.0  # six TRL default runs ÷ prefnb's sweep, GPU
 TASKS = ("paraphrase", "sonnets")
 
 
-def _find(report: dict, task: str, kind: str, framework: str) -> dict | None:
+def find_measurement(report: dict, task: str, kind: str, framework: str) -> dict | None:
     return next((m for m in report.get("measurements", []) if (m["task"], m["kind"], m["framework"])
                  == (task, kind, framework)), None)
 
@@ -47,8 +47,8 @@ def evaluate(report: dict | None, device_kind: str | None = None) -> list[dict]:
     for kind, name, field, baseline, bound, sense in table:
         for task in TASKS:
             value = None
-            ours = _find(report, task, kind, "prefnb") if report else None
-            theirs = _find(report, task, kind, baseline) if (report and baseline) else None
+            ours = find_measurement(report, task, kind, "prefnb") if report else None
+            theirs = find_measurement(report, task, kind, baseline) if (report and baseline) else None
             if ours and baseline is None:
                 value = ours.get(field)
             elif ours and theirs and ours.get(field) is not None and theirs.get(field):

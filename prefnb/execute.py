@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 
 from prefnb.grid import Run, Study, path_for_notebooks
 from prefnb.notebook import STUDY_ENV
-from prefnb.rundir import atomic_write_json, atomic_write_text, is_finished, mark_finished, now_iso, read_json
+from prefnb.rundir import (atomic_write_json, atomic_write_text, is_finished, mark_finished, now_iso, read_json,
+                           read_metrics)
 
 FAILED = "FAILED"
 RECORD = "study.json"      # the runner's record of a run: group, axis labels, dependencies, timing
@@ -108,13 +109,7 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def key_metric(run: Run, run_dir: Path) -> str:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return ""
-    try:
-        metrics = read_json(path)
-    except (OSError, ValueError):
-        return ""
+    metrics = read_metrics(run_dir) or {}
     name = run.params.key_metric
     value = metrics.get(name)
     return f"{name}={value:.4g}" if isinstance(value, (int, float)) else ""

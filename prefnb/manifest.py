@@ -16,9 +16,10 @@ from prefnb.rundir import atomic_write_json, now_iso
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "trl", "papermill")
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution in ``names`` (None where it is not installed)."""
     versions = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -175,14 +175,27 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, other_name: str) -> 
 
 def load_reference_model(reference: str, policy_tokenizer, seed: int):
     """A separate reference model (hub id, local model dir or run dir), checked for tokenizer match."""
-    path = Path(reference)
-    if path.is_dir() and ((path / CHECKPOINT_RECORD).is_file() or (path / "checkpoint").is_dir()):
-        model, tokenizer = load_checkpoint(path)
+    if holds_checkpoint(reference):
+        model, tokenizer = load_checkpoint(reference)
     else:
         model, tokenizer = load_base(reference, seed)
     check_same_tokenizer(policy_tokenizer, tokenizer, reference)
     model.eval().requires_grad_(False)
     return model
+
+
+def holds_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory or a checkpoint that prefnb saved (vs a model directory)."""
+    path = Path(path)
+    return path.is_dir() and ((path / CHECKPOINT_RECORD).is_file() or (path / "checkpoint").is_dir())
+
+
+def _hash_files(digest, files) -> str:
+    """Update ``digest`` with each file's name and bytes, in name order; 16 hex digits."""
+    for file in sorted(files):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def weights_identity(source: str, seed: int) -> str:
@@ -192,21 +205,15 @@ def weights_identity(source: str, seed: int) -> str:
     seed) or a hub id (by name: a hub revision does not change under a fixed cache).
     """
     path = Path(source)
-    if path.is_dir() and ((path / CHECKPOINT_RECORD).is_file() or (path / "checkpoint").is_dir()):
+    if holds_checkpoint(path):
         ckpt = checkpoint_dir(path)
         digest = hashlib.sha256((ckpt / CHECKPOINT_RECORD).read_bytes())  # a LoRA record names its base
-        for file in sorted(ckpt.glob("*.safetensors")):
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
-        return f"checkpoint:{digest.hexdigest()[:16]}"
+        return f"checkpoint:{_hash_files(digest, ckpt.glob('*.safetensors'))}"
     if source == TINY:
         return f"tiny:{json.dumps(TINY_CONFIG, sort_keys=True)}:seed{seed}"
     if path.is_dir():  # a local model directory can be overwritten in place: hash what it holds
-        digest = hashlib.sha256()
-        for file in sorted([*path.glob("config.json"), *path.glob("*.safetensors"), *path.glob("*.bin")]):
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
-        return f"directory:{digest.hexdigest()[:16]}"
+        files = [*path.glob("config.json"), *path.glob("*.safetensors"), *path.glob("*.bin")]
+        return f"directory:{_hash_files(hashlib.sha256(), files)}"
     return f"pretrained:{source}"
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from prefnb.config import FIELDS, RunParams, resolve_params
+from prefnb.rundir import read_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -119,10 +120,10 @@ def metrics_table(params: RunParams, metrics: Mapping[str, float] | None = None)
     import pandas as pd
 
     rows: dict[str, Mapping[str, Any]] = {}
-    own = metrics if metrics is not None else _read_metrics(run_dir(params))
+    own = metrics if metrics is not None else read_metrics(run_dir(params))
     rows["this run"] = own or {}
     for label, source in (("start (init_from)", params.init_from), ("reference", params.reference)):
-        other = _read_metrics(Path(source)) if source else None
+        other = read_metrics(Path(source)) if source else None
         if other is not None:
             rows[f"{label}: {Path(source).name}"] = other
     names = [m for m in TABLE_METRICS if any(m in r for r in rows.values())]
@@ -132,11 +133,3 @@ def metrics_table(params: RunParams, metrics: Mapping[str, float] | None = None)
 def interactive() -> bool:
     """False when `prefnb study` executes the notebook: no progress bars in its saved copy."""
     return not os.environ.get(STUDY_ENV)
-
-
-def _read_metrics(directory: Path) -> dict | None:
-    path = directory / "metrics.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None

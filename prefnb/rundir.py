@@ -41,6 +41,16 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_metrics(run_dir: str | Path) -> dict | None:
+    """A run directory's metrics.json, or None where it is missing or unreadable (a run
+    still going, or killed mid-write by an older version)."""
+    try:
+        metrics = read_json(Path(run_dir) / "metrics.json")
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
 def is_finished(run_dir: str | Path) -> bool:
     return (Path(run_dir) / MARKER).is_file()
 

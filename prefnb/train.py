@@ -267,6 +267,8 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
             train_ref = (torch.zeros(len(train_rows)), torch.zeros(len(train_rows)))
         dev_ref = reference_logps(params, start_model, tokenizer, encoders, task.dev_pairs, split="dev",
                                   cache_dir=cache_dir, start_identity=start_identity, device=device)
+    if params.is_preference:  # on the device once, not copied over at every step
+        train_ref = tuple(ref.to(device) for ref in train_ref)
     reference_seconds = time.perf_counter() - ref_started
 
     # --- the policy: the starting model, with fresh LoRA adapters when lora_r > 0 ----------
@@ -338,8 +340,7 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                 if params.is_preference:
                     batch = collate_pairs([chosen_enc[i] for i in idx], [rejected_enc[i] for i in idx],
                                           tokenizer.pad_token_id, device, hidden_size=hidden_size)
-                    loss, metrics = preference_step(policy, batch, params, train_ref[0][idx].to(device),
-                                                    train_ref[1][idx].to(device))
+                    loss, metrics = preference_step(policy, batch, params, train_ref[0][idx], train_ref[1][idx])
                 else:
                     batch = collate([sft_enc[i] for i in idx], tokenizer.pad_token_id, device)
                     loss, metrics = sft_step(policy, batch, params)
@@ -352,8 +353,7 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() / params.grad_accum_steps
             # Record the first non-finite step on the device; it is read at the next log.
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                         torch.tensor(step + 1, device=device), first_bad_step)
+            first_bad_step.masked_fill_((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1)
         scheduler.step()
         step += 1
         n_since_log += 1

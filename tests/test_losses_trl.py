@@ -123,6 +123,15 @@ def _metrics():
     return defaultdict(lambda: defaultdict(list))
 
 
+def _training_trainer_self(**fields):
+    """A stand-in `self` for TRL's DPO/KTO `_compute_loss`: the state every such trainer
+    reads while training on precomputed reference log-probs, plus ``fields``."""
+    return types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), accelerator=_accelerator(), precompute_ref_logps=True,
+        aux_loss_enabled=False, _metrics=_metrics(), _total_train_tokens=0, _tp_size=1, args=types.SimpleNamespace(),
+        **fields)
+
+
 def _ours(kind, pc, pr, rc, rr, cl, rl, beta, **options):
     return preference_loss(kind, pc, pr, rc, rr, beta=beta, chosen_lengths=cl, rejected_lengths=rl, **options)
 
@@ -145,22 +154,14 @@ def _trl_dpo(loss_type, pc, pr, rc, rr, cl, rl, beta, label_smoothing=0.0, seed=
     g = torch.Generator().manual_seed(seed + 100)
     width = int(torch.cat([cl, rl]).max()) + 3
     per_token, completion_mask, attention_mask = _token_layout(torch.cat([pc, pr]), torch.cat([cl, rl]), width, g)
-    fake_self = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True),
-        accelerator=_accelerator(),
+    fake_self = _training_trainer_self(
         loss_types=[loss_type],
         loss_weights=[1.0],
         beta=beta,
         label_smoothing=label_smoothing,
         ld_alpha=None,
-        precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
         use_weighting=False,
-        aux_loss_enabled=False,
-        _metrics=_metrics(),
-        _total_train_tokens=0,
-        _tp_size=1,
-        args=types.SimpleNamespace(),
     )
     inputs = {
         "input_ids": torch.randint(0, 50, completion_mask.shape, generator=g),
@@ -445,20 +446,12 @@ def _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, desirable_weight, undesirable_wei
     kl_per_token, kl_completion_mask, kl_attention_mask = _token_layout(kl_seq, kl_lengths, width + 4, g)
     noise = torch.randn(2 * b, generator=g, dtype=torch.float64)
     ref_kl = kl_per_token.sum(1) - kl - (noise - noise.mean())
-    fake_self = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True),
-        accelerator=_accelerator(),
+    fake_self = _training_trainer_self(
         loss_type="kto",
         beta=beta,
         desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight,
         calculate_KL=True,
-        precompute_ref_logps=True,
-        aux_loss_enabled=False,
-        _metrics=_metrics(),
-        _total_train_tokens=0,
-        _tp_size=1,
-        args=types.SimpleNamespace(),
     )
     fake_self._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, fake_self)
     inputs = {
