@@ -3,7 +3,8 @@
 Each measurement runs in a fresh process (see `benchmarks/worker.py`). Reported per
 framework: DPO pairs/s, SFT non-pad tokens/s, steps/s, MFU, peak memory, time to first
 step (from process spawn: interpreter, imports, data, model, reference log-probs), and
-the end-to-end time of a 6-value β sweep. Throughput is steady-state: the first
+the end-to-end time of a 6-value β sweep. A start-up floor (imports, model, data and one
+plain step, no trainer) puts the times to first step in proportion. Throughput is steady-state: the first
 `prefnb.timing.timing_warmup_steps(steps)` steps are left out for every framework.
 
 Results go to `benchmarks/results/<device>.json` and `.md`; `benchmarks/RESULTS.md` is
@@ -41,19 +42,19 @@ class BenchmarkError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 # running one measurement
 # ---------------------------------------------------------------------------------------
-def measure(framework: str, work: Work, *, beta: float = 0.1, cache_dir: Path | None = None) -> dict:
-    """Run one worker process and return its JSON result."""
+def measure(framework: str, work: Work, *, betas: tuple[float, ...] = (0.1,), cache_dir: Path | None = None) -> dict:
+    """Run one worker process and return its JSON result (several β: prefnb's in-process sweep)."""
     with tempfile.TemporaryDirectory(prefix="prefnb-bench-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "benchmarks.worker", framework, work.to_json(), str(out),
-               "--spawned-at", repr(time.time()), "--beta", repr(beta)]
+               "--spawned-at", repr(time.time()), "--beta", *map(repr, betas)]
         if cache_dir is not None:
             cmd += ["--cache-dir", str(cache_dir)]
         proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if proc.returncode != 0 or not out.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-            raise BenchmarkError(f"{framework} on {work.task}/{work.kind} (β={beta}) failed "
+            raise BenchmarkError(f"{framework} on {work.task}/{work.kind} (β={', '.join(map(str, betas))}) failed "
                                  f"(exit {proc.returncode}):\n{tail}")
         return json.loads(out.read_text())
 
@@ -145,7 +146,7 @@ def run(args) -> dict:
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": info,
               "versions": versions(), "settings": {"model": model, "steps": steps, "batch_size": batch,
                                                     "precision": precision, "betas": list(BETAS)},
-              "work": [], "measurements": [], "sweep": None}
+              "work": [], "measurements": [], "floors": [], "precision_checks": [], "sweep": None}
     for task in args.tasks:
         for kind in args.kinds:
             work = Work(model=model, task=task, kind=kind, batch_size=batch, steps=steps, precision=precision)
@@ -157,6 +158,12 @@ def run(args) -> dict:
                 report["measurements"].append({"task": task, "kind": kind, "framework": framework, **result})
                 print(f"{result['steady_steps_per_second']:8.2f} steps/s  first step {result['first_step_seconds']:6.1f} s"
                       f"  peak {result['peak_memory_bytes'] / 2**20:7.0f} MiB", flush=True)
+            if precision == "bf16" and "prefnb" in args.frameworks:  # bf16 must train like fp32
+                bf16 = targets_lib.find_measurement(report, task, kind, "prefnb")
+                report["precision_checks"].append(precision_check(work, bf16))
+            floor = measure("floor", work)["first_step_seconds"]
+            report["floors"].append({"task": task, "kind": kind, "first_step_seconds": floor})
+            print(f"  {task:<10} {kind:<3} {'floor':<11} {'':>15}  first step {floor:6.1f} s", flush=True)
     if args.sweep and "dpo" in args.kinds:
         report["sweep"] = run_sweep(Work(model=model, task=args.tasks[0], kind="dpo", batch_size=batch, steps=steps,
                                          precision=precision), concurrency=args.sweep_concurrency)
@@ -164,22 +171,36 @@ def run(args) -> dict:
     return report
 
 
+def precision_check(work: Work, bf16: dict) -> dict:
+    """prefnb's loss curve in fp32 next to its bf16 one (``bf16``: that measurement)."""
+    from dataclasses import replace
+
+    fp32 = measure("prefnb", replace(work, precision="fp32"))["losses"]
+    worst = max(abs(bf16["losses"][step] - loss) / abs(loss) for step, loss in fp32.items())
+    print(f"  {work.task:<10} {work.kind:<3} bf16 vs fp32: largest relative loss difference {worst:.4f}", flush=True)
+    return {"task": work.task, "kind": work.kind, "fp32_losses": fp32, "bf16_losses": bf16["losses"],
+            "max_relative_difference": worst}
+
+
 def run_sweep(work: Work, *, concurrency: int) -> dict:
-    """Six β values end to end: prefnb (one shared reference cache) vs six TRL default runs."""
+    """Six β values end to end: prefnb's in-process sweep (``prefnb train --sweep``; with
+    ``concurrency`` K, K such processes share the device, each taking every K-th β, all
+    sharing one reference cache) vs six TRL default runs, one process each."""
     from concurrent.futures import ThreadPoolExecutor
 
     out = {"task": work.task, "betas": list(BETAS), "concurrency": concurrency}
+    shares = [BETAS[k::concurrency] for k in range(concurrency) if BETAS[k::concurrency]]
     with tempfile.TemporaryDirectory(prefix="prefnb-sweep-cache-") as cache:
         started = time.time()
-        first = measure("prefnb", work, beta=BETAS[0], cache_dir=Path(cache))  # fills the reference cache
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:  # the rest may share one GPU
-            rest = list(pool.map(lambda b: measure("prefnb", work, beta=b, cache_dir=Path(cache)), BETAS[1:]))
+        with ThreadPoolExecutor(max_workers=len(shares)) as pool:
+            results = list(pool.map(lambda share: measure("prefnb", work, betas=share, cache_dir=Path(cache)), shares))
         out["prefnb_seconds"] = time.time() - started
-        out["prefnb_reference_seconds"] = [r["reference_seconds"] for r in [first, *rest]]
+        out["prefnb_run_seconds"] = [s for r in results for s in r["run_seconds"]]
+        out["prefnb_reference_seconds"] = [s for r in results for s in r["reference_seconds_per_run"]]
     print(f"  β sweep    prefnb      {out['prefnb_seconds']:8.1f} s for 6 runs", flush=True)
     started = time.time()
     for beta in BETAS:
-        measure("trl-default", work, beta=beta)
+        measure("trl-default", work, betas=(beta,))
     out["trl_default_seconds"] = time.time() - started
     print(f"  β sweep    trl-default {out['trl_default_seconds']:8.1f} s for 6 runs", flush=True)
     return out
@@ -198,10 +219,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="pairs or examples per step (default: 32 GPU, 8 CPU)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the 6-value β sweep")
     parser.add_argument("--sweep-concurrency", type=int, default=1,
-                        help="prefnb sweep runs sharing the device at once, after the first (default 1)")
+                        help="prefnb sweep processes sharing the device, each an in-process sweep over its "
+                             "share of the β values (default 1: all six in one process)")
     parser.add_argument("--no-save", dest="save", action="store_false",
                         help="print only: leave benchmarks/results and RESULTS.md untouched")
     args = parser.parse_args(argv)
+    if args.sweep_concurrency < 1:
+        parser.error("--sweep-concurrency must be at least 1")
     logging.getLogger("prefnb.data").setLevel(logging.ERROR)  # the data's known malformed rows, once per work
     try:
         report = run(args)

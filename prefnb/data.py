@@ -145,12 +145,28 @@ def read_quora(path: str | os.PathLike, problems: list[str] | None = None) -> li
 
     If `problems` is given, one "file:line: what" string per skipped row is appended to
     it (the `prefnb data` summary counts them). A missing file, a wrong header or no
-    valid row at all is a DataError.
+    valid row at all is a DataError. The parse is kept for the life of the process while
+    the file is unchanged (size and modification time), so the runs of an in-process sweep
+    read it once; the skipped rows are logged at that first read.
     """
     path = data_file(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _QUORA_PARSES:
+        _QUORA_PARSES.clear()  # the latest file version only
+        found: list[str] = []
+        _QUORA_PARSES[key] = (tuple(_parse_quora(path, found)), tuple(found))
+    pairs, skipped = _QUORA_PARSES[key]
+    if problems is not None:
+        problems.extend(skipped)
+    return list(pairs)
+
+
+_QUORA_PARSES: dict[tuple, tuple[tuple[QuoraPair, ...], tuple[str, ...]]] = {}
+
+
+def _parse_quora(path: Path, skipped: list[str]) -> list[QuoraPair]:
     pairs: list[QuoraPair] = []
-    skipped = [] if problems is None else problems
-    n_before = len(skipped)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter="\t")
@@ -171,8 +187,8 @@ def read_quora(path: str | os.PathLike, problems: list[str] | None = None) -> li
                     log.warning("skipping malformed row: %s", skipped[-1])
     except (csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot be read as UTF-8 tab-separated text ({err})") from None
-    if len(skipped) > n_before:
-        log.warning("%s: skipped %d malformed row(s), kept %d", path, len(skipped) - n_before, len(pairs))
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s), kept %d", path, len(skipped), len(pairs))
     if not pairs:
         raise DataError(f"{path}: no valid question pairs found")
     return pairs

@@ -1,7 +1,10 @@
 """Tokenising (prompt, response) pairs and scoring responses: memory-lean log-probs.
 
 Every objective needs log π(y_t | x, y_<t) at the response tokens only. Sequences are
-left-padded; the model is run for its hidden states, and the LM head is applied only at
+right-padded and run without an attention mask: under causal attention no real token ever
+sees the padding after it, so the log-probs are exact and attention takes its causal kernel
+(block skipping on CPU, FlashAttention on CUDA) instead of a masked one. The model is run
+for its hidden states, and the LM head is applied only at
 the positions that predict a response token — never a full [batch, length, vocab] logits
 tensor, and nothing on the prompt. A preference pair whose two responses share a prompt
 can be scored in one row, the prompt run once (:func:`collate_pairs`).
@@ -53,29 +56,32 @@ def start_token_id(tokenizer) -> int:
 
 
 def collate(items: Sequence[Encoded], pad_id: int, device=None) -> dict[str, Tensor]:
-    """Left-pad a batch of S sequences into [S, L] rows.
+    """Right-pad a batch of S sequences into [S, L] rows (``pad_id``: the tokenizer's pad id).
 
-    Returns input_ids, attention_mask (2-D padding mask), position_ids [S, L], and the
+    Returns input_ids, position_ids [S, L] (0, 1, … on every row), no attention mask (see
+    the module docstring: padding only ever follows a sequence's real tokens), and the
     response tokens as flat indices (see :func:`_with_targets`).
     """
     length = max(len(e.ids) for e in items)
     batch = len(items)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    # No real token reads the padding, so any id will do; not the pad id itself, which without
+    # a mask makes transformers warn that padding might be attended to.
+    filler = 1 if pad_id == 0 else 0
+    input_ids = torch.full((batch, length), filler, dtype=torch.long)
     targets, predictors, sequences = [], [], []
     for i, e in enumerate(items):
         n = len(e.ids)
-        input_ids[i, length - n:] = torch.tensor(e.ids)
-        attention_mask[i, length - n:] = 1
+        input_ids[i, :n] = torch.tensor(e.ids)
         # The token at column t is predicted by the hidden state at column t - 1.
-        first = i * length + length - e.n_response
+        first = i * length + n - e.n_response
         targets.append(torch.arange(first, first + e.n_response))
         predictors.append(targets[-1] - 1)
         sequences.append(torch.full((e.n_response,), i))
-    # Left padding shifts real tokens right: positions must count real tokens only.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = _with_targets(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids),
-                        targets, predictors, sequences, [e.n_response for e in items], sum(len(e.ids) for e in items))
+    # Positions keep counting through the padding, so transformers sees one ordinary causal
+    # sequence per row (restarting positions would read as packed sequences and bring a mask back).
+    position_ids = torch.arange(length).expand(batch, length).contiguous()
+    out = _with_targets(dict(input_ids=input_ids, position_ids=position_ids), targets, predictors, sequences,
+                        [e.n_response for e in items], sum(len(e.ids) for e in items))
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
@@ -139,8 +145,9 @@ def shared_prompt_pays(chosen: Sequence[Encoded], rejected: Sequence[Encoded], h
             return False
     separate = max(max(len(c.ids), len(r.ids)) for c, r in zip(chosen, rejected))
     shared = max(len(c.ids) + r.n_response for c, r in zip(chosen, rejected))
-    cost = lambda rows, length: rows * length * (6 * hidden_size + length)  # noqa: E731
-    return cost(len(chosen), shared) < cost(2 * len(chosen), separate)
+    # Two-row layout: unmasked causal attention, half the query–key pairs; shared rows carry a
+    # 4-D mask, and masked kernels compute every pair.
+    return len(chosen) * shared * (6 * hidden_size + shared) < 2 * len(chosen) * separate * (6 * hidden_size + separate / 2)
 
 
 def _with_targets(batch: dict[str, Tensor], targets: list[Tensor], predictors: list[Tensor],
@@ -172,7 +179,7 @@ def response_token_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tenso
     """
     # Only the final hidden states are needed; logits_to_keep=1 stops the model from
     # applying the LM head to every position (we do it below on the positions that matter).
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch["position_ids"], output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]  # [rows, L, d], final layer norm applied
     states = hidden.reshape(-1, hidden.shape[-1])[batch["predictor"]]  # [N, d]

@@ -69,6 +69,22 @@ class Encoders:
         return ([self.one(r["prompt"], r["chosen"], prior=prior) for r in rows],
                 [self.one(r["prompt"], r["rejected"], prior=prior) for r in rows])
 
+    @classmethod
+    def shared(cls, tokenizer, max_length: int, add_eos: bool) -> "Encoders":
+        """The process's Encoders for these settings, so that the runs of an in-process sweep
+        (`prefnb train --sweep`) tokenise each example once between them. Tokenizers with
+        the same class, vocabulary and special tokens give the same ids (the reference cache
+        relies on the same fingerprint)."""
+        key = (type(tokenizer).__name__, models.tokenizer_fingerprint(tokenizer), max_length, add_eos)
+        if key not in _SHARED_ENCODERS:
+            if len(_SHARED_ENCODERS) >= 4:  # a few settings at a time; the oldest goes
+                _SHARED_ENCODERS.pop(next(iter(_SHARED_ENCODERS)))
+            _SHARED_ENCODERS[key] = cls(tokenizer, max_length, add_eos)
+        return _SHARED_ENCODERS[key]
+
+
+_SHARED_ENCODERS: dict[tuple, Encoders] = {}
+
 
 # ---------------------------------------------------------------------------------------
 # objectives: one step function each, returning (loss, metric tensors summed over the batch)
@@ -229,7 +245,12 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the run's own progress
     out_dir = params.resolved_output_dir()
     cache_dir = Path(params.cache_dir) if params.cache_dir else out_dir.parent.parent / ".cache"
-    accelerator = Accelerator(mixed_precision=_mixed_precision(params), gradient_accumulation_steps=params.grad_accum_steps)
+    try:
+        accelerator = Accelerator(mixed_precision=_mixed_precision(params),
+                                  gradient_accumulation_steps=params.grad_accum_steps)
+    except ValueError as err:  # accelerate fixes mixed precision once per process
+        raise TrainingError(f"precision '{params.precision}': this process already trained with another precision "
+                            f"and accelerate cannot switch ({err}); restart the kernel or train in a new process") from err
     device, main = accelerator.device, accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +262,7 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
     start_model.to(device)
     start_identity = models.weights_identity(params.init_from or params.model, params.seed)
-    encoders = Encoders(tokenizer, params.max_length, ADD_EOS[params.task])
+    encoders = Encoders.shared(tokenizer, params.max_length, ADD_EOS[params.task])
 
     if params.is_preference:
         train_rows = task.train_pairs

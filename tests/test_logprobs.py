@@ -58,7 +58,7 @@ def test_sharing_is_used_only_where_prompts_match_and_it_saves_compute():
     truncated = [encode(tokenizer, PROMPTS[2], "y" * 60, max_length=100, add_eos=True)]
     assert not shared_prompt_pays(chosen[2:], truncated, hidden_size=64)  # the prompts were cut differently
     batch = collate_pairs(chosen[2:], truncated, tokenizer.pad_token_id, hidden_size=64)
-    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].dim() == 2  # fell back to two rows
+    assert batch["input_ids"].shape[0] == 2 and "attention_mask" not in batch  # fell back to two rows
 
 
 def test_score_pairs_equals_scoring_every_sequence_alone():
@@ -69,3 +69,17 @@ def test_score_pairs_equals_scoring_every_sequence_alone():
     both = score_all(model, chosen + rejected, pad_id=tokenizer.pad_token_id, batch_size=2, device="cpu")
     c, r = score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id, batch_size=4, device="cpu")
     torch.testing.assert_close(torch.cat([c, r]), both, rtol=1e-5, atol=1e-4)
+
+
+def test_right_padded_rows_without_a_mask_score_like_each_sequence_alone():
+    """Padding only ever follows a row's real tokens, so causal attention needs no mask."""
+    from prefnb.logprobs import score_all
+
+    model, tokenizer = models.build_tiny(0)
+    chosen, rejected = encoded_pairs(tokenizer)
+    items = chosen + rejected
+    batch = collate(items, tokenizer.pad_token_id)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[1] == max(len(e.ids) for e in items)
+    together, _ = sequence_logps(model.eval(), batch)
+    alone = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=1, device="cpu")  # no padding
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)

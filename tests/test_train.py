@@ -193,6 +193,29 @@ def test_cli_train_marks_finished_and_typos_fail_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "betaa" in err[0] and str(bad) in err[0] and "beta" in err[0]
 
 
+def test_cli_sweep_trains_every_combination_in_one_process_as_runs_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # sweep runs write outputs/<experiment>/<run id>
+    base = [*sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []), "--set", "max_steps=2",
+            "--set", "objective=dpo", "--set", f"cache_dir={tmp_path}/c"]
+    assert cli_main(["train", "--no-progress", *base, "--sweep", "beta=[0.1, 0.5]", "--sweep", "seed=[1, 2]"]) == 0
+    runs = sorted(p for p in (tmp_path / "outputs").glob("*/*") if (p / "COMPLETE").is_file())
+    assert len(runs) == 4
+    alone = make_params(tmp_path, "alone", objective="dpo", max_steps=2, beta=0.5, seed=2)
+    train_mod.train(alone, progress=False)
+    in_sweep = next(run for run in runs if run.name == alone.run_id())
+    assert history(in_sweep) == history(Path(alone.output_dir))  # nothing leaks from one run to the next
+
+    for sweep, named in (("beta=0.1", "non-empty list"), ("precision=[fp32, bf16]", "precision"),
+                         ("betaa=[0.1]", "betaa")):
+        capsys.readouterr()
+        assert cli_main(["train", *base, "--sweep", sweep]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
+    assert cli_main(["train", *base, "--set", "output_dir=one", "--sweep", "beta=[0.1, 0.5]"]) == 2
+    assert "output_dir" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()  # refused before any work
+
+
 def test_hub_model_offline_fails_clearly(tmp_path):
     """`model: openai-community/gpt2` offline: one line, exit 2, no traceback.
 
@@ -241,3 +264,34 @@ def test_lr_schedules_match_transformers(kind, theirs):
     ours = rates(lambda o: schedule.lr_scheduler(o, kind, warmup_steps=5, total_steps=20))
     reference = rates(lambda o: get_scheduler(theirs, o, num_warmup_steps=5, num_training_steps=20))
     assert ours == pytest.approx(reference, abs=1e-12) and ours[0] == 0.0 and max(ours) == 0.5
+
+
+def test_bf16_trains_like_fp32_within_bf16_resolution(tmp_path):
+    """The same DPO run under bf16 autocast and in fp32, at the smoke profile's DPO step size:
+    every logged loss within 2⁻⁷ (bf16's resolution) of fp32's. Subprocesses, as accelerate
+    fixes precision per process."""
+    import subprocess
+    import sys
+
+    settings = [*sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []), "--set", "objective=dpo",
+                "--set", "max_steps=12", "--set", "learning_rate=3e-4", "--set", f"cache_dir={tmp_path}/c{{}}"]
+    procs = {precision: subprocess.Popen([sys.executable, "-m", "prefnb", "train", "--no-progress",
+                                          *[s.format(precision) for s in settings], "--set", f"precision={precision}",
+                                          "--set", f"output_dir={tmp_path / precision}"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for precision in ("fp32", "bf16")}
+    for precision, proc in procs.items():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    fp32, bf16 = history(tmp_path / "fp32"), history(tmp_path / "bf16")
+    assert len(fp32) == len(bf16) == 6 and bf16 != fp32  # bf16 autocast was in effect
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=2**-7, atol=0.0)
+
+
+def test_a_second_precision_in_one_process_is_a_clear_error(tmp_path, monkeypatch):
+    """accelerate fixes mixed precision per process: switching says so instead of a traceback."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # a fresh process's state, restored after
+    train_mod.train(make_params(tmp_path, "fp32", max_steps=1), progress=False)
+    with pytest.raises(train_mod.TrainingError, match="precision 'bf16'.*restart the kernel"):
+        train_mod.train(make_params(tmp_path, "bf16", max_steps=1, precision="bf16"), progress=False)
