@@ -32,6 +32,12 @@ def find_measurement(report: dict, task: str, kind: str, framework: str) -> dict
                  == (task, kind, framework)), None)
 
 
+def find_floor(report: dict | None, task: str, kind: str) -> float | None:
+    """The start-up floor's time to first step for this work (see benchmarks/README.md)."""
+    return next((f["first_step_seconds"] for f in (report or {}).get("floors") or ()
+                 if (f["task"], f["kind"]) == (task, kind)), None)
+
+
 def _status(value, bound: float, sense: str) -> str:
     if value is None:
         return "not measured"
@@ -40,7 +46,8 @@ def _status(value, bound: float, sense: str) -> str:
 
 def evaluate(report: dict | None, device_kind: str | None = None) -> list[dict]:
     """Every target of the report's device kind (or of ``device_kind`` with no report):
-    name, value, bound, sense ('min' = at least, 'max' = at most), status."""
+    name, value, bound, sense ('min' = at least, 'max' = at most), status; start-up targets
+    also carry ``floor``, the start-up floor ÷ the same baseline (no trainer can go lower)."""
     kind_of_device = device_kind or report["device"]["kind"]
     table = CPU_TARGETS if kind_of_device == "cpu" else GPU_TARGETS
     out = []
@@ -53,8 +60,12 @@ def evaluate(report: dict | None, device_kind: str | None = None) -> list[dict]:
                 value = ours.get(field)
             elif ours and theirs and ours.get(field) is not None and theirs.get(field):
                 value = ours[field] / theirs[field]
-            out.append({"target": f"{name} ({task})", "value": value, "bound": bound, "sense": sense,
-                        "status": _status(value, bound, sense)})
+            entry = {"target": f"{name} ({task})", "value": value, "bound": bound, "sense": sense,
+                     "status": _status(value, bound, sense)}
+            floor = find_floor(report, task, kind) if field == "first_step_seconds" else None
+            if floor is not None and theirs:  # the best ratio any transformers-based trainer could reach
+                entry["floor"] = floor / theirs[field]
+            out.append(entry)
     if kind_of_device == "gpu":
         sweep = report.get("sweep") if report else None
         value = sweep["trl_default_seconds"] / sweep["prefnb_seconds"] if sweep else None
