@@ -78,6 +78,21 @@ def describe_work(work: Work, peak_flops: float | None) -> dict:
     }
 
 
+TIMED = ("steady_steps_per_second", "first_step_seconds", "peak_memory_bytes")
+
+
+def median_result(results: list[dict]) -> dict:
+    """The median of each timed quantity over repeated measurements (the rest from the
+    first), with every sample kept under ``samples``."""
+    import statistics
+
+    out = dict(results[0])
+    for key in TIMED:
+        out[key] = statistics.median(r[key] for r in results)
+    out["samples"] = {key: [r[key] for r in results] for key in TIMED}
+    return out
+
+
 def derive(result: dict, described: dict) -> dict:
     """Throughputs from steady steps/s and the known work per step."""
     steps_per_s = result["steady_steps_per_second"]
@@ -145,19 +160,28 @@ def run(args) -> dict:
 
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": info,
               "versions": versions(), "settings": {"model": model, "steps": steps, "batch_size": batch,
-                                                    "precision": precision, "betas": list(BETAS)},
+                                                    "precision": precision, "betas": list(BETAS),
+                                                    "repeats": args.repeats},
               "work": [], "measurements": [], "floors": [], "precision_checks": [], "sweep": None}
     for task in args.tasks:
         for kind in args.kinds:
             work = Work(model=model, task=task, kind=kind, batch_size=batch, steps=steps, precision=precision)
             described = describe_work(work, info["peak_flops"])
             report["work"].append(described)
-            for framework in args.frameworks:
-                print(f"  {task:<10} {kind:<3} {framework:<11} ", end="", flush=True)
-                result = derive(measure(framework, work), described)
-                report["measurements"].append({"task": task, "kind": kind, "framework": framework, **result})
-                print(f"{result['steady_steps_per_second']:8.2f} steps/s  first step {result['first_step_seconds']:6.1f} s"
-                      f"  peak {result['peak_memory_bytes'] / 2**20:7.0f} MiB", flush=True)
+            # Rounds of every framework in turn: a slow minute of a shared machine then hits all
+            # of them alike, and each round's ratio compares neighbours in time.
+            samples: dict[str, list[dict]] = {framework: [] for framework in args.frameworks}
+            for _ in range(args.repeats):
+                for framework in args.frameworks:
+                    print(f"  {task:<10} {kind:<3} {framework:<11} ", end="", flush=True)
+                    result = measure(framework, work)
+                    samples[framework].append(result)
+                    print(f"{result['steady_steps_per_second']:8.2f} steps/s  first step "
+                          f"{result['first_step_seconds']:6.1f} s  peak {result['peak_memory_bytes'] / 2**20:7.0f} MiB",
+                          flush=True)
+            for framework, results in samples.items():
+                report["measurements"].append({"task": task, "kind": kind, "framework": framework,
+                                               **derive(median_result(results), described)})
             if precision == "bf16" and "prefnb" in args.frameworks:  # bf16 must train like fp32
                 bf16 = targets_lib.find_measurement(report, task, kind, "prefnb")
                 report["precision_checks"].append(precision_check(work, bf16))
@@ -217,6 +241,9 @@ def main(argv=None) -> int:
                         default=["prefnb", "trl-default", "trl-tuned"])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 60 GPU, 30 CPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs or examples per step (default: 32 GPU, 8 CPU)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every framework in turn; medians are reported, with each round's ratio "
+                             "(default 1)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the 6-value β sweep")
     parser.add_argument("--sweep-concurrency", type=int, default=1,
                         help="prefnb sweep processes sharing the device, each an in-process sweep over its "
@@ -224,8 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", dest="save", action="store_false",
                         help="print only: leave benchmarks/results and RESULTS.md untouched")
     args = parser.parse_args(argv)
-    if args.sweep_concurrency < 1:
-        parser.error("--sweep-concurrency must be at least 1")
+    if args.sweep_concurrency < 1 or args.repeats < 1:
+        parser.error("--sweep-concurrency and --repeats must be at least 1")
     logging.getLogger("prefnb.data").setLevel(logging.ERROR)  # the data's known malformed rows, once per work
     try:
         report = run(args)

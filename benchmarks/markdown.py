@@ -42,14 +42,23 @@ def ratios_table(report: dict) -> str:
                 theirs = targets_lib.find_measurement(report, task, kind, baseline)
                 if not (ours and theirs):
                     continue
-                speed = ours["steady_steps_per_second"] / theirs["steady_steps_per_second"]
                 floor = targets_lib.find_floor(report, task, kind)
-                rows.append([task, kind, baseline, f"{speed:.2f}×",
-                             f"{ours['peak_memory_bytes'] / theirs['peak_memory_bytes']:.2f}×",
-                             f"{ours['first_step_seconds'] / theirs['first_step_seconds']:.2f}×",
+                rows.append([task, kind, baseline, _ratio(ours, theirs, "steady_steps_per_second"),
+                             _ratio(ours, theirs, "peak_memory_bytes"), _ratio(ours, theirs, "first_step_seconds"),
                              "–" if floor is None else f"{floor / theirs['first_step_seconds']:.2f}×"])
     return _table(["task", "objective", "prefnb ÷", "throughput", "peak memory", "time to first step",
                    "start-up floor ÷ the same"], rows)
+
+
+def _ratio(ours: dict, theirs: dict, key: str) -> str:
+    """The ratio of the medians; over repeated rounds, also the lowest and highest ratio of
+    one round (prefnb and the baseline measured minutes apart, on the same machine)."""
+    text = f"{ours[key] / theirs[key]:.2f}×"
+    a, b = (ours.get("samples") or {}).get(key, []), (theirs.get("samples") or {}).get(key, [])
+    if len(a) > 1 and len(a) == len(b):
+        rounds = [x / y for x, y in zip(a, b)]
+        text += f" ({min(rounds):.2f}–{max(rounds):.2f})"
+    return text
 
 
 def targets_table(targets: list[dict]) -> str:
@@ -79,7 +88,9 @@ def report_markdown(report: dict) -> str:
     parts = [
         f"Measured {report['date']} on {d['name']} ({d['kind']}"
         + (f", {d['cores']} cores, {d['threads']} torch threads" if d["kind"] == "cpu" else "") + ").",
-        f"Model `{s['model']}`, batch {s['batch_size']}, {s['steps']} steps per run, {s['precision']}; MFU peak: "
+        f"Model `{s['model']}`, batch {s['batch_size']}, {s['steps']} steps per run, {s['precision']}"
+        + (f"; {s['repeats']} rounds of every framework in turn, medians (per-round ratio range in brackets)"
+           if s.get("repeats", 1) > 1 else "") + "; MFU peak: "
         f"{d['peak_flops_source']} ({_fmt(d['peak_flops'] / 1e12 if d['peak_flops'] else None, '.2f')} TFLOP/s).",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
         "", "**Measurements** (steady state: the first steps are left out; time to first step counts from process "

@@ -104,3 +104,17 @@ def test_prefnb_and_trl_see_the_same_batches_and_reach_the_same_losses():
         assert ours["losses"][step] == pytest.approx(theirs["losses"][step], rel=1e-2), step
     assert max(ours["losses"].values()) - min(ours["losses"].values()) > 0.1
     assert ours["first_step_seconds"] > 0 and theirs["steady_steps_per_second"] > 0
+
+
+def test_repeated_rounds_report_medians_and_each_rounds_ratio():
+    from benchmarks.harness import median_result
+
+    def rounds(*speeds):
+        return median_result([{"steady_steps_per_second": s, "first_step_seconds": 2.0, "peak_memory_bytes": 10,
+                               "losses": {"10": 0.69}} for s in speeds])
+
+    ours, theirs = rounds(3.0, 4.0, 5.0), rounds(1.5, 1.0, 2.0)
+    assert ours["steady_steps_per_second"] == 4.0 and ours["samples"]["steady_steps_per_second"] == [3.0, 4.0, 5.0]
+    # 4 ÷ 1.5 of the medians; rounds: 3 ÷ 1.5, 4 ÷ 1, 5 ÷ 2
+    assert markdown._ratio(ours, theirs, "steady_steps_per_second") == "2.67× (2.00–4.00)"
+    assert markdown._ratio(rounds(3.0), rounds(1.5), "steady_steps_per_second") == "2.00×"  # one round: no range
