@@ -82,7 +82,7 @@ def collate(items: Sequence[Encoded], pad_id: int, device=None) -> dict[str, Ten
     position_ids = torch.arange(length).expand(batch, length).contiguous()
     out = _with_targets(dict(input_ids=input_ids, position_ids=position_ids), targets, predictors, sequences,
                         [e.n_response for e in items], sum(len(e.ids) for e in items))
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+    return to_device(out, device) if device is not None else out
 
 
 def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int, device=None, *,
@@ -127,7 +127,20 @@ def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id
     out = _with_targets(dict(input_ids=input_ids, attention_mask=allowed, position_ids=position_ids), targets,
                         predictors, sequences, [c.n_response for c in chosen] + [r.n_response for r in rejected],
                         sum(len(e.ids) for e in (*chosen, *rejected)))
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+    return to_device(out, device) if device is not None else out
+
+
+def to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
+    """Move a collated batch to ``device`` without waiting for it.
+
+    On CUDA a copy from ordinary (pageable) host memory synchronises the stream: the host
+    would wait for the GPU to finish every queued kernel at each step. From pinned memory
+    with ``non_blocking`` the copy is queued like a kernel and the host runs ahead.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def shared_prompt_pays(chosen: Sequence[Encoded], rejected: Sequence[Encoded], hidden_size: int) -> bool:

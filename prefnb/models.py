@@ -45,8 +45,10 @@ def build_tiny(seed: int):
     from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
 
     tokenizer = _prepare_tokenizer(ByT5Tokenizer())
+    # No pad id in the config, as in GPT-2's: with one, transformers reads every batch to warn
+    # about unmasked padding (a GPU sync per forward). Generation is given the tokenizer's.
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
+                        eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
     with torch.random.fork_rng():  # initialisation depends on `seed` only, not on earlier RNG use
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)

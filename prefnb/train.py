@@ -28,7 +28,7 @@ from prefnb import evaluate, losses, models
 from prefnb.cache import cache_key, cached
 from prefnb.config import RunParams, save_params
 from prefnb.logprobs import (Encoded, collate, collate_pairs, encode, response_token_logps, score_all, score_pairs,
-                             sequence_logps, start_token_id)
+                             sequence_logps, start_token_id, to_device)
 from prefnb.manifest import write_manifest
 from prefnb.rundir import atomic_write_json, now_iso
 from prefnb.schedule import batch_indices, lr_scheduler
@@ -288,8 +288,6 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
             train_ref = (torch.zeros(len(train_rows)), torch.zeros(len(train_rows)))
         dev_ref = reference_logps(params, start_model, tokenizer, encoders, task.dev_pairs, split="dev",
                                   cache_dir=cache_dir, start_identity=start_identity, device=device)
-    if params.is_preference:  # on the device once, not copied over at every step
-        train_ref = tuple(ref.to(device) for ref in train_ref)
     reference_seconds = time.perf_counter() - ref_started
 
     # --- the policy: the starting model, with fresh LoRA adapters when lora_r > 0 ----------
@@ -360,8 +358,12 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
             with accelerator.accumulate(policy), accelerator.autocast():
                 if params.is_preference:
                     batch = collate_pairs([chosen_enc[i] for i in idx], [rejected_enc[i] for i in idx],
-                                          tokenizer.pad_token_id, device, hidden_size=hidden_size)
-                    loss, metrics = preference_step(policy, batch, params, train_ref[0][idx], train_ref[1][idx])
+                                          tokenizer.pad_token_id, hidden_size=hidden_size)
+                    # The batch's reference log-probs are gathered on the host and travel with it
+                    # (indexing a GPU tensor with host indices would copy them over synchronously).
+                    batch["reference_logps"] = torch.stack([train_ref[0][idx], train_ref[1][idx]])  # [2, B]
+                    batch = to_device(batch, device)
+                    loss, metrics = preference_step(policy, batch, params, *batch["reference_logps"])
                 else:
                     batch = collate([sft_enc[i] for i in idx], tokenizer.pad_token_id, device)
                     loss, metrics = sft_step(policy, batch, params)

@@ -295,3 +295,41 @@ def test_a_second_precision_in_one_process_is_a_clear_error(tmp_path, monkeypatc
     train_mod.train(make_params(tmp_path, "fp32", max_steps=1), progress=False)
     with pytest.raises(train_mod.TrainingError, match="precision 'bf16'.*restart the kernel"):
         train_mod.train(make_params(tmp_path, "bf16", max_steps=1, precision="bf16"), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a GPU")
+@pytest.mark.parametrize("objective", ["dpo", "sft"])
+def test_a_training_step_never_waits_for_the_gpu(objective):
+    """collate → to_device → loss → backward → clip → AdamW, under CUDA's sync debug mode:
+    any operation that makes the host wait for the GPU raises."""
+    from prefnb.logprobs import collate_pairs, to_device
+
+    model, tokenizer = models.build_tiny(0)
+    model.cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    params = resolve_params([("test", {"objective": objective})])
+    prompts = ["Question 1: is this the same as that?\nAnswer:", "Q: short?"]  # shared-prompt rows (dpo)
+    chosen = [encode(tokenizer, p, " yes", max_length=64, add_eos=False) for p in prompts]
+    rejected = [encode(tokenizer, p, " no", max_length=64, add_eos=False) for p in prompts]
+
+    def step():
+        if objective == "dpo":
+            batch = collate_pairs(chosen, rejected, tokenizer.pad_token_id, hidden_size=64)
+            batch["reference_logps"] = torch.zeros(2, len(chosen))
+            batch = to_device(batch, "cuda")
+            loss, _ = train_mod.preference_step(model, batch, params, *batch["reference_logps"])
+        else:
+            loss, _ = train_mod.sft_step(model, collate(chosen + rejected, tokenizer.pad_token_id, "cuda"), params)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # first use: allocations and lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
