@@ -146,7 +146,7 @@ def sequence_lengths(work: Work, rows: list[dict]) -> list[list[int]]:
     encodes them: [steps][sequences]. A DPO step has 2 × batch sequences."""
     from transformers import AutoTokenizer
 
-    from prefnb.train import ADD_EOS, Encoders
+    from prefnb.precompute import ADD_EOS, Encoders
 
     encoders = Encoders(AutoTokenizer.from_pretrained(model_dir(work.model)), work.max_length, ADD_EOS[work.task])
     if work.kind == "dpo":
