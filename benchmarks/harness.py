@@ -4,11 +4,12 @@ Each measurement runs in a fresh process (see `benchmarks/worker.py`). Reported 
 framework: DPO pairs/s, SFT non-pad tokens/s, steps/s, MFU, peak memory, time to first
 step (from process spawn: interpreter, imports, data, model, reference log-probs), and
 the end-to-end time of a 6-value β sweep. A start-up floor (imports, model, data and one
-plain step, no trainer) puts the times to first step in proportion. Throughput is steady-state: the first
-`prefnb.timing.timing_warmup_steps(steps)` steps are left out for every framework.
+plain step, no trainer) puts the times to first step in proportion. Throughput is
+steady-state: the first `prefnb.timing.timing_warmup_steps(steps)` steps are left out for
+every framework.
 
-Results go to `benchmarks/results/<device>.json` and `.md`; `benchmarks/RESULTS.md` is
-rebuilt from every device's latest JSON, so it never holds a number typed by hand.
+Results go to `benchmarks/results/<device>.json`; `benchmarks/RESULTS.md` is rebuilt from
+every device's latest JSON (targets evaluated then), so it never holds a number typed by hand.
 """
 
 from __future__ import annotations
@@ -191,7 +192,6 @@ def run(args) -> dict:
     if args.sweep and "dpo" in args.kinds:
         report["sweep"] = run_sweep(Work(model=model, task=args.tasks[0], kind="dpo", batch_size=batch, steps=steps,
                                          precision=precision), concurrency=args.sweep_concurrency)
-    report["targets"] = targets_lib.evaluate(report)
     return report
 
 

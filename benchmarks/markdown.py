@@ -76,11 +76,10 @@ def _target_value(target: dict) -> str:
 
 
 def _floor_note(target: dict) -> str:
-    floor = target.get("floor")
+    floor = target.get("floor")  # start-up targets only, all of them "at most"
     if floor is None:
         return ""
-    reach = "out of reach" if (floor > target["bound"] if target["sense"] == "max" else floor < target["bound"]) else "within reach"
-    return f"the start-up floor alone is {floor:.2f}: {reach}"
+    return f"the start-up floor alone is {floor:.2f}: {'out of reach' if floor > target['bound'] else 'within reach'}"
 
 
 def report_markdown(report: dict) -> str:

@@ -50,10 +50,10 @@ def run_prefnb(work, *, betas: list[float], cache_dir: Path, spawned_at: float, 
 def run_trl(work, *, tuned: bool, beta: float, spawned_at: float, scratch: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from benchmarks.work import model_dir, stream_rows
+    from benchmarks.work import stream_rows
     from prefnb.timing import StepClock, peak_memory_bytes
 
     # The clock counts from the spawn, expressed on this process's perf_counter.
@@ -67,11 +67,7 @@ def run_trl(work, *, tuned: bool, beta: float, spawned_at: float, scratch: Path)
         def on_train_end(self, args, state, control, **kwargs):
             clock.finish(state.global_step)
 
-    path = model_dir(work.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, tokenizer = load_model(work)
     dataset = Dataset.from_list(stream_rows(work))
     common = dict(
         output_dir=str(scratch / "trl"), per_device_train_batch_size=work.batch_size, max_steps=work.steps,
@@ -105,16 +101,11 @@ def run_floor(work, *, spawned_at: float) -> dict:
     model and tokenizer, the rows, and one plain forward + backward + AdamW step on the first
     batch (no trainer, no reference). Time to first step below this is out of reach."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.work import model_dir, stream_rows
+    from benchmarks.work import stream_rows
 
-    path = model_dir(work.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(work)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     rows = stream_rows(work)[: work.batch_size]
     texts = [r["prompt"] + r.get("chosen", r.get("completion", "")) for r in rows]
     batch = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
@@ -124,6 +115,20 @@ def run_floor(work, *, spawned_at: float) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return {"first_step_seconds": time.time() - spawned_at}
+
+
+def load_model(work):
+    """The work's model (fp32 weights) and tokenizer, as the baselines load them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.work import model_dir
+
+    path = model_dir(work.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
 def liger_available() -> bool:

@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -24,8 +22,18 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def file_version(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(resolved path, modification time in ns, size): what keeps an in-process memo of a
+    file's contents valid while the file is unchanged (the runs of an in-process sweep read
+    the same files again and again)."""
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
+
+
 def cached(cache_dir: Path, kind: str, key: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
     """Load ``<cache_dir>/<kind>/<key>.pt`` or compute and store it atomically. Returns (value, hit)."""
+    import torch  # here, so that the light modules can use file_version without importing torch
+
     path = Path(cache_dir) / kind / f"{key}.pt"
     if path.is_file():
         try:

@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from prefnb.cache import file_version
+
 log = logging.getLogger(__name__)
 
 QUORA_FILE = "quora-pairs.tsv"
@@ -150,8 +152,7 @@ def read_quora(path: str | os.PathLike, problems: list[str] | None = None) -> li
     read it once; the skipped rows are logged at that first read.
     """
     path = data_file(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = file_version(path)
     if key not in _QUORA_PARSES:
         _QUORA_PARSES.clear()  # the latest file version only
         found: list[str] = []

@@ -147,9 +147,10 @@ def shared_prompt_pays(chosen: Sequence[Encoded], rejected: Sequence[Encoded], h
     """Whether one row per pair costs fewer FLOPs than two rows per pair.
 
     Every pair must have the same prompt tokens on both sides (truncation can make them
-    differ). A padded row of length L costs about L·(6d + L) in a transformer of width d
-    (linear layers 24·d² per token, attention 4·d per query–key pair, per layer): sharing
-    removes the duplicate prompt but makes rows longer, so it pays for long prompts with
+    differ). A padded row of length L costs about L·(6d + a·L) in a transformer of width d
+    (linear layers 24·d² per token, attention 4·d per query–key pair, per layer; a = 1/2 for
+    the two-row layout's unmasked causal rows, 1 for shared rows, whose 4-D mask makes the
+    kernel compute every pair): sharing removes the duplicate prompt but makes rows longer, so it pays for long prompts with
     short responses (paraphrase) and not for short prompts with long responses (byte-level
     sonnets on a narrow model).
     """
@@ -158,9 +159,8 @@ def shared_prompt_pays(chosen: Sequence[Encoded], rejected: Sequence[Encoded], h
             return False
     separate = max(max(len(c.ids), len(r.ids)) for c, r in zip(chosen, rejected))
     shared = max(len(c.ids) + r.n_response for c, r in zip(chosen, rejected))
-    # Two-row layout: unmasked causal attention, half the query–key pairs; shared rows carry a
-    # 4-D mask, and masked kernels compute every pair.
-    return len(chosen) * shared * (6 * hidden_size + shared) < 2 * len(chosen) * separate * (6 * hidden_size + separate / 2)
+    d = hidden_size
+    return len(chosen) * shared * (6 * d + shared) < 2 * len(chosen) * separate * (6 * d + separate / 2)
 
 
 def _with_targets(batch: dict[str, Tensor], targets: list[Tensor], predictors: list[Tensor],

@@ -34,9 +34,16 @@ class Encoders:
     tokenizer: object
     max_length: int
     add_eos: bool
+    # models.tokenizer_fingerprint, computed once: it hashes the whole vocabulary (~0.2 s for
+    # GPT-2's) and every reference cache key needs it.
+    fingerprint: str | None = None
     # Each (prompt, response) is tokenised once per run, though references, training and
     # evaluation all ask for it (slow tokenizers make this seconds of start-up).
     _memo: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.fingerprint is None:
+            self.fingerprint = models.tokenizer_fingerprint(self.tokenizer)
 
     def one(self, prompt: str, response: str, *, prior: bool = False) -> Encoded:
         key = (prompt, response, prior)
@@ -56,11 +63,12 @@ class Encoders:
         (`prefnb train --sweep`) tokenise each example once between them. Tokenizers with
         the same class, vocabulary and special tokens give the same ids (the reference cache
         relies on the same fingerprint)."""
-        key = (type(tokenizer).__name__, models.tokenizer_fingerprint(tokenizer), max_length, add_eos)
+        fingerprint = models.tokenizer_fingerprint(tokenizer)
+        key = (type(tokenizer).__name__, fingerprint, max_length, add_eos)
         if key not in _SHARED_ENCODERS:
             if len(_SHARED_ENCODERS) >= 4:  # a few settings at a time; the oldest goes
                 _SHARED_ENCODERS.pop(next(iter(_SHARED_ENCODERS)))
-            _SHARED_ENCODERS[key] = cls(tokenizer, max_length, add_eos)
+            _SHARED_ENCODERS[key] = cls(tokenizer, max_length, add_eos, fingerprint)
         return _SHARED_ENCODERS[key]
 
 
@@ -82,7 +90,7 @@ def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoder
     separate = kind not in ("policy", "prior")
     identity = models.weights_identity(kind, params.seed) if separate else start_identity
     key = cache_key(reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
-                    tokenizer=models.tokenizer_fingerprint(tokenizer), max_length=params.max_length,
+                    tokenizer=encoders.fingerprint, max_length=params.max_length,
                     add_eos=encoders.add_eos)
 
     def compute():

@@ -1,8 +1,9 @@
 """One training loop for every objective: SFT (any f-divergence) and every preference loss.
 
-Reads top to bottom: set up → data → starting policy → reference log-probs (once, cached;
-`prefnb.precompute`) → LoRA → optimiser → loop → evaluate → write the run directory. Objectives plug in as two
-step functions (`sft_step`, `preference_step`); there is no trainer class hierarchy.
+Reads top to bottom: set up → data → starting policy → reference log-probs (once, cached:
+`prefnb.precompute`) → LoRA → optimiser → loop → evaluate → write the run directory.
+Objectives plug in as two step functions (`sft_step`, `preference_step`); there is no
+trainer class hierarchy.
 
 Runs on accelerate: CPU, one GPU (bf16 autocast) or several (`accelerate launch`; each
 process takes its slice of every global batch). The loop never syncs with the host
@@ -27,8 +28,8 @@ from prefnb import evaluate, losses, models
 from prefnb.config import RunParams, save_params
 from prefnb.logprobs import (collate, collate_pairs, response_token_logps, score_all, score_pairs, sequence_logps,
                              to_device)
-from prefnb.precompute import ADD_EOS, Encoders, reference_logps, sampled_rejections
 from prefnb.manifest import write_manifest
+from prefnb.precompute import ADD_EOS, Encoders, reference_logps, sampled_rejections
 from prefnb.rundir import atomic_write_json, now_iso
 from prefnb.schedule import batch_indices, lr_scheduler
 from prefnb.timing import StepClock, peak_memory_bytes
@@ -73,11 +74,6 @@ def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected):
         "logps/rejected": pr.detach().mean(),
     }
     return loss, metrics
-
-
-# ---------------------------------------------------------------------------------------
-# reference log-probs and sampled rejections (computed once, cached on disk)
-# ---------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------
