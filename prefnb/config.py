@@ -53,7 +53,10 @@ class RunParams:
     data_seed: int = _spec(0, "seed of the train/dev/test split (kept apart from `seed`)", min=0)
     train_size: float = _spec(1.0, "fraction of the training split to use", min=0.0, max=1.0, min_exclusive=True)
     max_train_examples: int = _spec(0, "cap on training examples after train_size (0 = no cap)", min=0)
-    max_eval_examples: int = _spec(0, "cap on dev examples used for evaluation (0 = no cap)", min=0)
+    max_eval_examples: int = _spec(0, "cap on selection-split examples (eval/…: paraphrase dev, held-out training "
+                                   "sonnets; 0 = no cap)", min=0)
+    max_test_examples: int = _spec(0, "cap on report-split examples (test/…: paraphrase test, dev sonnets "
+                                   "132-143; scored once, on the selected checkpoint; 0 = no cap)", min=0)
     rejected_source: str = _spec(
         "sampled", "sonnet preference pairs: rejected continuation sampled from the reference model, "
         "or another sonnet's continuation", choices=("sampled", "other"))

@@ -406,20 +406,28 @@ def file_sha256(path: str | os.PathLike) -> str:
 # --- one run's data ----------------------------------------------------------------------
 @dataclass
 class TaskData:
+    """Everything one run reads. Two held-out splits, never trained on (DESIGN.md, Splits):
+    the *selection* split (``eval_*``: picks the best checkpoint, metrics ``eval/…``) and the
+    *report* split (``test_*``: scored once on the selected checkpoint, metrics ``test/…``;
+    the paper quotes only these)."""
+
     task: str
     train_sft: list[dict]           # {"prompt","completion"}; preference data: chosen as completion
     train_pairs: list[dict] | None  # {"prompt","chosen","rejected"}; None: SFT-only data, or the caller
                                     # samples rejected sonnets and calls sonnet_preference_rows
-    dev_eval: list[dict]            # paraphrase {"prompt","label"}; sonnets {"prompt","reference",
-                                    # "full_reference"}; jsonl: the dev rows themselves
-    dev_pairs: list[dict]           # dev preference pairs for implicit-reward accuracy ([] for SFT-only data)
-    test_prompts: list[str]         # sonnets only
+    eval_rows: list[dict]           # selection split. paraphrase {"prompt","label"}; sonnets {"prompt",
+                                    # "reference","full_reference"}; jsonl: the held-out rows themselves
+    eval_pairs: list[dict]          # selection preference pairs, implicit-reward accuracy ([] for SFT-only data)
+    test_rows: list[dict]           # report split, same form as eval_rows ([] where the data has none: jsonl)
+    test_pairs: list[dict]          # report preference pairs
+    unscored_prompts: list[str]     # sonnets 145-156: prompts without references (nothing can score them)
     source_files: dict[str, str]    # file name -> sha256
     stats: dict[str, int] = field(default_factory=dict)  # rows read / skipped / split sizes, for summaries
 
     def hashes(self) -> dict[str, str]:
-        splits = {"train_sft": self.train_sft, "train_pairs": self.train_pairs, "dev_eval": self.dev_eval,
-                  "dev_pairs": self.dev_pairs, "test_prompts": self.test_prompts}
+        splits = {"train_sft": self.train_sft, "train_pairs": self.train_pairs, "eval_rows": self.eval_rows,
+                  "eval_pairs": self.eval_pairs, "test_rows": self.test_rows, "test_pairs": self.test_pairs,
+                  "unscored_prompts": self.unscored_prompts}
         return {name: dataset_hash(rows) for name, rows in splits.items() if rows}
 
 
@@ -437,21 +445,39 @@ def _cap(rows: list, k: int) -> list:
     return rows[:k] if k > 0 else rows
 
 
-def _stats(read: int, skipped: int, split: dict[str, list]) -> dict[str, int]:
-    return {"rows_read": read, "rows_skipped": skipped, **{f"{k}_split": len(v) for k, v in split.items()}}
+def _stats(read: int, skipped: int, train: int, selection: int, report: int) -> dict[str, int]:
+    return {"rows_read": read, "rows_skipped": skipped, "train_split": train, "selection_split": selection,
+            "report_split": report}
 
 
 def _load_paraphrase(params) -> TaskData:
     path = data_file(resolve_data_dir(params.data_dir), QUORA_FILE)
     problems: list[str] = []
     pairs = read_quora(path, problems)
-    split = split_indices(len(pairs), params.data_seed)
+    split = split_indices(len(pairs), params.data_seed)  # selection = dev, report = test
     train = _train_subset([pairs[i] for i in split["train"]], params)
     dev = _cap([pairs[i] for i in split["dev"]], params.max_eval_examples)
-    stats = _stats(len(pairs) + len(problems), len(problems), split)
+    test = _cap([pairs[i] for i in split["test"]], params.max_test_examples)
+    stats = _stats(len(pairs) + len(problems), len(problems), *(len(split[k]) for k in ("train", "dev", "test")))
     return TaskData("paraphrase", paraphrase_sft_rows(train), paraphrase_preference_rows(train),
-                    paraphrase_eval_rows(dev), paraphrase_preference_rows(dev), [],
+                    paraphrase_eval_rows(dev), paraphrase_preference_rows(dev),
+                    paraphrase_eval_rows(test), paraphrase_preference_rows(test), [],
                     {path.name: file_sha256(path)}, stats)
+
+
+# Sonnets held out of the 131 training sonnets to select checkpoints on. The only sonnets with
+# references beyond the training file are dev 132-143, and those are the report split, so
+# selection needs its own: as many as the report split (12), so that selection and report
+# chrF are equally noisy, while 119 sonnets (91 %) stay for training. Which ones is fixed by
+# data_seed (not seed), so every run of a study selects on the same sonnets.
+SONNET_SELECTION_SIZE = 12
+
+
+def _sonnet_pairs(sonnets: Sequence[Sonnet], data_seed: int) -> list[dict]:
+    """Implicit-reward pairs of held-out sonnets: chosen = the true continuation, rejected =
+    another sonnet's. Seeded by data_seed: the yardstick must not move with the training seed."""
+    rows = sonnet_sft_rows(sonnets)
+    return [] if len(rows) < 2 else sonnet_preference_rows(rows, other_continuations(rows, data_seed))
 
 
 def _load_sonnets(params) -> TaskData:
@@ -460,11 +486,15 @@ def _load_sonnets(params) -> TaskData:
     train_all = read_sonnets(paths["train"])
     dev_full = read_sonnets(paths["dev"])
     dev_prompts = read_sonnets(paths["dev_prompts"], n_lines=PROMPT_LINES)
-    test = read_sonnets(paths["test_prompts"], n_lines=PROMPT_LINES)
-    # A seeded order, so that train_size < 1 keeps a random subset rather than the first
-    # sonnets of the cycle (1-17 all urge a young man to marry).
+    unscored = read_sonnets(paths["test_prompts"], n_lines=PROMPT_LINES)
+    if len(train_all) <= SONNET_SELECTION_SIZE:
+        raise DataError(f"{paths['train']}: {len(train_all)} sonnets; need more than {SONNET_SELECTION_SIZE} "
+                        "(that many are held out for checkpoint selection)")
+    # A seeded order: the selection sonnets are a random slice (not the first of the cycle:
+    # 1-17 all urge a young man to marry), and train_size < 1 keeps a random subset of the rest.
     order = np.random.Generator(np.random.PCG64(params.data_seed)).permutation(len(train_all)).tolist()
-    train = _train_subset([train_all[i] for i in order], params)
+    selection = [train_all[i] for i in order[:SONNET_SELECTION_SIZE]]
+    train = _train_subset([train_all[i] for i in order[SONNET_SELECTION_SIZE:]], params)
     train_sft = sonnet_sft_rows(train)
     train_pairs = None
     if params.rejected_source == "other" and len(train_sft) >= 2:
@@ -472,17 +502,16 @@ def _load_sonnets(params) -> TaskData:
     elif params.rejected_source == "other":
         raise DataError("task 'sonnets': rejected_source 'other' needs at least 2 training sonnets; "
                         "raise train_size or max_train_examples")
-    dev_eval = sonnet_eval_rows(dev_full, dev_prompts, f"{paths['dev_prompts']} vs {paths['dev'].name}")
-    # Dev pairs use data_seed, not seed: the yardstick must not move with the training seed.
+    selection = _cap(selection, params.max_eval_examples)
+    eval_rows = sonnet_eval_rows(selection, selection)
+    test_rows = sonnet_eval_rows(dev_full, dev_prompts, f"{paths['dev_prompts']} vs {paths['dev'].name}")
     numbers = {s.number for s in dev_prompts}
-    dev_sft = sonnet_sft_rows([s for s in dev_full if s.number in numbers])
-    dev_pairs = [] if len(dev_sft) < 2 else sonnet_preference_rows(
-        dev_sft, other_continuations(dev_sft, params.data_seed))
-    k = params.max_eval_examples
-    stats = _stats(len(train_all) + len(dev_full) + len(dev_prompts) + len(test), 0,
-                   {"train": train_all, "dev": dev_eval, "test": test})
-    return TaskData("sonnets", train_sft, train_pairs, _cap(dev_eval, k), _cap(dev_pairs, k),
-                    [s.prompt for s in test], {p.name: file_sha256(p) for p in paths.values()}, stats)
+    report = _cap([s for s in dev_full if s.number in numbers], params.max_test_examples)
+    stats = _stats(len(train_all) + len(dev_full) + len(dev_prompts) + len(unscored), 0,
+                   len(train_all) - SONNET_SELECTION_SIZE, SONNET_SELECTION_SIZE, len(test_rows))
+    return TaskData("sonnets", train_sft, train_pairs, eval_rows, _sonnet_pairs(selection, params.data_seed),
+                    _cap(test_rows, params.max_test_examples), _sonnet_pairs(report, params.data_seed),
+                    [s.prompt for s in unscored], {p.name: file_sha256(p) for p in paths.values()}, stats)
 
 
 def _load_jsonl(params) -> TaskData:
@@ -491,13 +520,13 @@ def _load_jsonl(params) -> TaskData:
     rows = load_user_rows(params.data_path)
     split = split_indices(len(rows), params.data_seed, (0.9, 0.1, 0.0))
     train = _train_subset([rows[i] for i in split["train"]], params)
-    dev = _cap([rows[i] for i in split["dev"]], params.max_eval_examples)
+    dev = _cap([rows[i] for i in split["dev"]], params.max_eval_examples)  # selection; no report split
     is_pref = "chosen" in rows[0]
     train_sft = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train] if is_pref else train
     path = Path(params.data_path)
     source = {path.name: file_sha256(path)} if path.is_file() else {params.data_path: dataset_hash(rows)}
-    return TaskData("jsonl", train_sft, train if is_pref else None, dev, dev if is_pref else [], [], source,
-                    _stats(len(rows), 0, split))
+    return TaskData("jsonl", train_sft, train if is_pref else None, dev, dev if is_pref else [], [], [], [], source,
+                    _stats(len(rows), 0, len(split["train"]), len(split["dev"]), 0))
 
 
 _LOADERS = {"paraphrase": _load_paraphrase, "sonnets": _load_sonnets, "jsonl": _load_jsonl}
@@ -505,11 +534,12 @@ _LOADERS = {"paraphrase": _load_paraphrase, "sonnets": _load_sonnets, "jsonl": _
 
 def load_task(params) -> TaskData:
     """Everything a run reads, from a `prefnb.config.RunParams` (task, data_dir, data_path,
-    data_seed, train_size, max_train_examples, max_eval_examples, rejected_source, seed)."""
+    data_seed, train_size, max_train_examples, max_eval_examples, max_test_examples, rejected_source,
+    seed)."""
     if params.task not in _LOADERS:
         raise DataError(f"unknown task {params.task!r} (known: {', '.join(_LOADERS)})")
     data = _LOADERS[params.task](params)
-    for name, rows in (("train", data.train_sft), ("dev", data.dev_eval)):
+    for name, rows in (("train", data.train_sft), ("dev", data.eval_rows)):
         if not rows:  # subsetting keeps >= 1 row of a non-empty split, so the data is too small
             raise DataError(f"task '{data.task}': the {name} split is empty ({data.stats.get('rows_read', 0)} "
                             f"rows read); the data needs more rows (at least one for train and one for dev)")

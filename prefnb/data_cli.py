@@ -32,8 +32,8 @@ def summarise(data, data_seed: int) -> list[str]:
     s = data.stats
     lines = [f"{data.task}:",
              f"  rows read {s.get('rows_read', 0)}, malformed rows skipped {s.get('rows_skipped', 0)}",
-             f"  split (data_seed {data_seed}): train {s.get('train_split', 0)}, dev {s.get('dev_split', 0)}, "
-             f"test {s.get('test_split', 0)}"]
+             f"  split (data_seed {data_seed}): train {s.get('train_split', 0)}, "
+             f"selection {s.get('selection_split', 0)}, report {s.get('report_split', 0)}"]
     lines += [f"  {name}  sha256 {digest[:12]}" for name, digest in data.source_files.items()]
     return lines
 

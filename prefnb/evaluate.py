@@ -1,7 +1,8 @@
 """Task metrics: paraphrase accuracy/F1, sonnet generation + chrF, implicit-reward accuracy.
 
-Metric names follow DESIGN.md contract 2 (`eval/accuracy`, `eval/f1`, `eval/chrf`,
-`eval/chrf_full`, `eval/implicit_reward_accuracy`).
+Metric names follow DESIGN.md contract 2: ``<split>/accuracy``, ``<split>/f1``,
+``<split>/chrf``, ``<split>/chrf_full``, ``<split>/implicit_reward_accuracy``, where
+``split`` is ``eval`` (the selection split) or ``test`` (the report split).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def binary_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: int, batch_size: int, device) -> dict:
+def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: int, batch_size: int, device,
+                       split: str = "eval") -> dict:
     """Score " yes" and " no" as continuations of each cloze prompt; predict the likelier one.
 
     Each answer's score is the summed log-prob of its continuation tokens, so this works
@@ -38,7 +40,7 @@ def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: in
     predictions = (yes > no).long().tolist()
     labels = [int(row["label"]) for row in rows]
     accuracy = sum(p == y for p, y in zip(predictions, labels)) / len(labels)
-    return {"eval/accuracy": accuracy, "eval/f1": binary_f1(predictions, labels)}
+    return {f"{split}/accuracy": accuracy, f"{split}/f1": binary_f1(predictions, labels)}
 
 
 @torch.no_grad()
@@ -75,7 +77,7 @@ def first_lines(text: str, n: int) -> str:
     return "\n".join(text.strip("\n").split("\n")[:n])
 
 
-def sonnet_metrics(continuations: Sequence[str], rows: Sequence[dict]) -> dict:
+def sonnet_metrics(continuations: Sequence[str], rows: Sequence[dict], split: str = "eval") -> dict:
     """Corpus chrF (sacrebleu defaults) of continuations vs true lines 4–14, and of whole sonnets."""
     from sacrebleu.metrics import CHRF
 
@@ -85,8 +87,8 @@ def sonnet_metrics(continuations: Sequence[str], rows: Sequence[dict]) -> dict:
     refs = [row["reference"].strip("\n") for row in rows]
     full_hyps = [row["prompt"] + hyp for row, hyp in zip(rows, hyps)]
     full_refs = [row["full_reference"].strip("\n") for row in rows]
-    return {"eval/chrf": chrf.corpus_score(hyps, [refs]).score,
-            "eval/chrf_full": chrf.corpus_score(full_hyps, [full_refs]).score}
+    return {f"{split}/chrf": chrf.corpus_score(hyps, [refs]).score,
+            f"{split}/chrf_full": chrf.corpus_score(full_hyps, [full_refs]).score}
 
 
 def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> float:

@@ -46,6 +46,9 @@ class StepClock:
     _end_at: float | None = None
     _end_step: int | None = None
     _end_units: float = 0.0
+    _excluded: float = 0.0           # seconds of work inside the loop that is not training
+    _excluded_at_warm: float = 0.0
+    _excluded_at_end: float = 0.0
 
     @property
     def warmup_steps(self) -> int:
@@ -66,11 +69,18 @@ class StepClock:
             self.first_step_seconds = now - self.started
         if step == self.warmup_steps:
             self._warm_at, self._warm_step, self._warm_units = now, step, _as_float(units)
+            self._excluded_at_warm = self._excluded
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of in-loop work that is not training (an evaluation, a checkpoint
+        write) out of the steady-state time. The caller syncs the device before timing it."""
+        self._excluded += seconds
 
     def finish(self, step: int, units=None) -> None:
         """Call once after the last optimiser step."""
         synchronize(self.device)
         self._end_at, self._end_step, self._end_units = time.perf_counter(), step, _as_float(units)
+        self._excluded_at_end = self._excluded
 
     def summary(self) -> dict[str, float | int | None]:
         """first_step_seconds; steady_steps/seconds/units after the warm-up (None if the run
@@ -79,18 +89,35 @@ class StepClock:
         return {
             "first_step_seconds": self.first_step_seconds,
             "steady_steps": self._end_step - self._warm_step if steady else None,
-            "steady_seconds": self._end_at - self._warm_at if steady else None,
+            "steady_seconds": (self._end_at - self._warm_at - (self._excluded_at_end - self._excluded_at_warm)
+                               if steady else None),
             "steady_units": self._end_units - self._warm_units if steady else None,
         }
 
 
-def peak_memory_bytes(device) -> int:
-    """GPU: peak memory allocated by torch. CPU: peak resident set size of the whole process
-    (interpreter and imports included, so compare it between processes doing the same work)."""
+def reset_peak_memory(device) -> None:
+    """Start a run's peak-memory count. Only CUDA's can be reset: a process's peak resident set
+    size (CPU) counts from the process's start, whatever ran in it before."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def process_peak_rss_bytes() -> int:
+    """Peak resident set size of the whole process since it started (interpreter and imports
+    included; Linux reports kibibytes)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_memory_bytes(device, *, first_in_process: bool = True) -> int | None:
+    """GPU: peak memory allocated by torch since :func:`reset_peak_memory`. CPU: the process's
+    peak RSS when the process ran nothing else before (compare it between processes doing the
+    same work), else None: a second run in one process (a sweep) would report the larger of its
+    own peak and every earlier run's, so no number is better than a wrong one."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return process_peak_rss_bytes() if first_in_process else None
 
 
 def _as_float(units) -> float:

@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,13 @@ from prefnb.manifest import write_manifest
 from prefnb.precompute import ADD_EOS, Encoders, reference_logps, sampled_rejections
 from prefnb.rundir import atomic_write_json, now_iso
 from prefnb.schedule import batch_indices, lr_scheduler
-from prefnb.timing import StepClock, peak_memory_bytes
+from prefnb.timing import StepClock, peak_memory_bytes, process_peak_rss_bytes, reset_peak_memory, synchronize
 
 log = logging.getLogger(__name__)
 
 STATE_DIR, CHECKPOINT_DIR = "state", "checkpoint"
+# Training runs started in this process: only the first one's process peak RSS is its own.
+_RUNS_IN_PROCESS = {"started": 0}
 
 
 class TrainingError(RuntimeError):
@@ -79,28 +82,42 @@ def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected):
 # ---------------------------------------------------------------------------------------
 # evaluation during and after training
 # ---------------------------------------------------------------------------------------
-def run_evaluation(model, tokenizer, task: data_lib.TaskData, params: RunParams, encoders: Encoders,
-                   dev_ref: tuple[torch.Tensor, torch.Tensor], device) -> dict[str, float]:
+@dataclass
+class HeldOut:
+    """One held-out split: ``name`` is the metric prefix, "eval" (selection: picks the best
+    checkpoint) or "test" (report: scored once, on the selected checkpoint, after training)."""
+
+    name: str
+    rows: list[dict]
+    pairs: list[dict]
+    reference: tuple[torch.Tensor, torch.Tensor]  # log π_ref(chosen), log π_ref(rejected) of ``pairs``: [P] each
+
+
+def run_evaluation(model, tokenizer, split: HeldOut, params: RunParams, encoders: Encoders, device) -> dict[str, float]:
+    """The task metrics of ``model`` on one held-out split, named ``<split.name>/<metric>``."""
     metrics: dict[str, float] = {}
+    prefix = split.name
+    if not split.rows:
+        return metrics
     if params.task == "paraphrase":
-        metrics.update(evaluate.paraphrase_metrics(model, tokenizer, task.dev_eval, max_length=params.max_length,
-                                                   batch_size=params.eval_batch_size, device=device))
+        metrics.update(evaluate.paraphrase_metrics(model, tokenizer, split.rows, max_length=params.max_length,
+                                                   batch_size=params.eval_batch_size, device=device, split=prefix))
     elif params.task == "sonnets":
         continuations = evaluate.generate(
-            model, tokenizer, [r["prompt"] for r in task.dev_eval], max_new_tokens=params.max_new_tokens,
+            model, tokenizer, [r["prompt"] for r in split.rows], max_new_tokens=params.max_new_tokens,
             greedy=params.generation == "greedy", top_p=params.top_p, temperature=params.temperature,
             seed=params.seed, batch_size=params.eval_batch_size, max_length=params.max_length, device=device)
-        metrics.update(evaluate.sonnet_metrics(continuations, task.dev_eval))
+        metrics.update(evaluate.sonnet_metrics(continuations, split.rows, split=prefix))
     elif not params.is_preference:  # user SFT data: held-out NLL per response token
-        items = [encoders.one(r["prompt"], r["completion"]) for r in task.dev_eval]
+        items = [encoders.one(r["prompt"], r["completion"]) for r in split.rows]
         scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=params.eval_batch_size, device=device)
-        metrics["eval/loss"] = float(-scores.sum() / sum(e.n_response for e in items))
-    if task.dev_pairs:
-        chosen, rejected = encoders.pairs(task.dev_pairs)
+        metrics[f"{prefix}/loss"] = float(-scores.sum() / sum(e.n_response for e in items))
+    if split.pairs:
+        chosen, rejected = encoders.pairs(split.pairs)
         chosen_scores, rejected_scores = score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id,
                                                      batch_size=params.eval_batch_size, device=device)
-        metrics["eval/implicit_reward_accuracy"] = evaluate.implicit_reward_accuracy(
-            chosen_scores, rejected_scores, dev_ref[0], dev_ref[1])
+        metrics[f"{prefix}/implicit_reward_accuracy"] = evaluate.implicit_reward_accuracy(
+            chosen_scores, rejected_scores, *split.reference)
     return metrics
 
 
@@ -159,6 +176,11 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
         raise TrainingError(f"precision '{params.precision}': this process already trained with another precision "
                             f"and accelerate cannot switch ({err}); restart the kernel or train in a new process") from err
     device, main = accelerator.device, accelerator.is_main_process
+    first_in_process = _RUNS_IN_PROCESS["started"] == 0
+    _RUNS_IN_PROCESS["started"] += 1
+    reset_peak_memory(device)
+    # Seconds of evaluation and of checkpoint/state writes, kept out of train/seconds and throughput.
+    costs = {"eval": 0.0, "checkpoint": 0.0}
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_params(params, out_dir / "params.yaml")
@@ -193,8 +215,12 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                                         cache_dir=cache_dir, start_identity=start_identity, device=device)
         elif params.is_preference:  # simpo/cpo/orpo ignore these: no reference forward at all
             train_ref = (torch.zeros(len(train_rows)), torch.zeros(len(train_rows)))
-        dev_ref = reference_logps(params, start_model, tokenizer, encoders, task.dev_pairs, split="dev",
-                                  cache_dir=cache_dir, start_identity=start_identity, device=device)
+        selection, report = (
+            HeldOut(name, rows, pairs, reference_logps(params, start_model, tokenizer, encoders, pairs, split=name,
+                                                       cache_dir=cache_dir, start_identity=start_identity,
+                                                       device=device))
+            for name, rows, pairs in (("eval", task.eval_rows, task.eval_pairs),
+                                      ("test", task.test_rows, task.test_pairs)))
     reference_seconds = time.perf_counter() - ref_started
 
     # --- the policy: the starting model, with fresh LoRA adapters when lora_r > 0 ----------
@@ -307,23 +333,35 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                     fh.write(json.dumps(row) + "\n")
 
         if params.eval_every and step % params.eval_every == 0 and step < params.max_steps:
-            _evaluate_and_keep_best(unwrapped, tokenizer, task, params, encoders, dev_ref, device, step, best,
-                                    metric_name, out_dir, history_path, main)
+            clock.exclude(_evaluate_and_keep_best(unwrapped, tokenizer, selection, params, encoders, device, step,
+                                                  best, metric_name, out_dir, history_path, main, costs)[1])
         if params.save_every and step % params.save_every == 0 and step < params.max_steps and main:
+            synchronize(device)
+            save_started = time.perf_counter()
             _save_state(state_path, unwrapped, optimizer, scheduler, step, best,
                         loop={"sums": sums, "n_since_log": n_since_log, "tokens_seen": tokens_seen,
                               "first_bad_step": first_bad_step})
+            costs["checkpoint"] += time.perf_counter() - save_started
+            clock.exclude(time.perf_counter() - save_started)
     bar.close()
     clock.finish(step, tokens_seen)
-    train_seconds = time.perf_counter() - loop_started
+    train_seconds = time.perf_counter() - loop_started - costs["eval"] - costs["checkpoint"]  # the loop's own work
     timing = clock.summary()
 
     # --- final evaluation, checkpoint, metrics --------------------------------------------
-    final = _evaluate_and_keep_best(unwrapped, tokenizer, task, params, encoders, dev_ref, device, step, best,
-                                    metric_name, out_dir, history_path, main)
+    final, _ = _evaluate_and_keep_best(unwrapped, tokenizer, selection, params, encoders, device, step, best,
+                                       metric_name, out_dir, history_path, main, costs)
+    # The report split, once, on the selected checkpoint: the final weights, or the best
+    # checkpoint reloaded when an earlier evaluation won (the model a later run's init_from gets).
+    reported = {}
+    if main and report.rows:
+        selected = unwrapped if best["step"] == step else models.load_checkpoint(out_dir)[0].to(device)
+        report_started = time.perf_counter()
+        reported = run_evaluation(selected, tokenizer, report, params, encoders, device)
+        costs["eval"] += time.perf_counter() - report_started
     tokens = int(accelerator.reduce(tokens_seen, "sum"))
     steps_run = step - steps_at_start
-    result = dict(best["metrics"])
+    result = {**best["metrics"], **reported}
     result.update({
         "best_step": best["step"],
         "final/" + metric_name: final.get(metric_name),
@@ -335,7 +373,10 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
         "train/first_step_seconds": timing["first_step_seconds"],
         "train/steady_steps_per_second": _rate(timing["steady_steps"], timing["steady_seconds"]),
         "train/steady_tokens_per_second": _rate(timing["steady_units"], timing["steady_seconds"]),
-        "train/peak_memory_bytes": peak_memory_bytes(device),
+        "train/peak_memory_bytes": peak_memory_bytes(device, first_in_process=first_in_process),
+        "train/process_peak_rss_bytes": process_peak_rss_bytes(),
+        "eval/seconds": costs["eval"],
+        "checkpoint/seconds": costs["checkpoint"],
         "train/trainable_parameters": trainable,
         "train/total_parameters": total,
         "reference/seconds": reference_seconds,
@@ -349,20 +390,26 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     return result
 
 
-def _evaluate_and_keep_best(model, tokenizer, task, params, encoders, dev_ref, device, step, best, metric_name,
-                            out_dir, history_path, main) -> dict:
-    """Evaluate; save the checkpoint when the key metric improves (ties keep the earlier one)."""
+def _evaluate_and_keep_best(model, tokenizer, selection: HeldOut, params, encoders, device, step, best, metric_name,
+                            out_dir, history_path, main, costs: dict) -> tuple[dict, float]:
+    """Evaluate on the selection split; save the checkpoint when the key metric improves (ties
+    keep the earlier one). Adds the seconds spent to ``costs`` and returns (metrics, seconds)."""
     if not main:
-        return {}
-    metrics = run_evaluation(model, tokenizer, task, params, encoders, dev_ref, device)
+        return {}, 0.0
+    synchronize(device)  # queued training work belongs to training, not to this evaluation
+    started = time.perf_counter()
+    metrics = run_evaluation(model, tokenizer, selection, params, encoders, device)
     with history_path.open("a") as fh:
         fh.write(json.dumps({"step": step, **metrics}) + "\n")
+    evaluated = time.perf_counter()
+    costs["eval"] += evaluated - started
     value = metrics.get(metric_name, float("nan"))
     if is_better(metric_name, value, best["value"]):
         best.update(metric=metric_name, value=value, step=step, metrics=metrics)
         models.save_checkpoint(model, tokenizer, out_dir / CHECKPOINT_DIR, base_model=params.model,
                                base_init_from=params.init_from, seed=params.seed)
-    return metrics
+    costs["checkpoint"] += time.perf_counter() - evaluated
+    return metrics, time.perf_counter() - started
 
 
 def _save_state(path: Path, model, optimizer, scheduler, step: int, best: dict, loop: dict) -> None:

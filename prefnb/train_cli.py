@@ -34,7 +34,7 @@ def run_train(args) -> int:
     runs = sweep_params(args.files, args.overrides, args.sweeps, profile=args.profile)  # validated before any work
     for params in runs:
         metrics = train_and_mark(params, progress=not args.no_progress)
-        print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "train/loss", "best_step"))},
+        print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "test/", "train/loss", "best_step"))},
                          indent=2))
         print(f"run directory: {params.resolved_output_dir()}", flush=True)
     return 0

@@ -195,16 +195,19 @@ def test_other_continuations_is_a_seeded_derangement(real_data_dir):
 def test_load_paraphrase_subsets_and_caps(real_data_dir):
     base = RunParams(task="paraphrase", data_dir=str(real_data_dir))
     full = D.load_task(base)
-    assert (len(full.train_sft), len(full.dev_eval), full.test_prompts) == (13770, 1721, [])
+    assert (len(full.train_sft), len(full.eval_rows), len(full.test_rows), full.unscored_prompts) == (13770, 1721, 1721, [])
     assert full.stats["rows_skipped"] == 2 and full.source_files[D.QUORA_FILE].startswith("66279661d492")
     tenth = D.load_task(replace(base, train_size=0.1))
     assert len(tenth.train_sft) == 1377 and tenth.train_sft == full.train_sft[:1377]  # nested subsets
-    capped = D.load_task(replace(base, train_size=0.1, max_train_examples=50, max_eval_examples=20))
+    capped = D.load_task(replace(base, train_size=0.1, max_train_examples=50, max_eval_examples=20,
+                                 max_test_examples=30))
     assert len(capped.train_sft) == len(capped.train_pairs) == 50
-    assert len(capped.dev_eval) == len(capped.dev_pairs) == 20
+    assert len(capped.eval_rows) == len(capped.eval_pairs) == 20 and len(capped.test_rows) == len(capped.test_pairs) == 30
     assert [r["prompt"] for r in capped.train_pairs] == [r["prompt"] for r in capped.train_sft]
-    assert [p["chosen"] for p in capped.dev_pairs] == [D.ANSWERS[bool(r["label"])] for r in capped.dev_eval]
-    assert not {r["prompt"] for r in full.dev_eval} & {r["prompt"] for r in full.train_sft}  # no leak
+    assert [p["chosen"] for p in capped.eval_pairs] == [D.ANSWERS[bool(r["label"])] for r in capped.eval_rows]
+    assert [p["chosen"] for p in capped.test_pairs] == [D.ANSWERS[bool(r["label"])] for r in capped.test_rows]
+    train, selection, report = ({r["prompt"] for r in rows} for rows in (full.train_sft, full.eval_rows, full.test_rows))
+    assert not (train & selection or train & report or selection & report)  # three disjoint splits
     other_seed = D.load_task(replace(base, data_seed=1, max_train_examples=50))
     assert other_seed.train_sft != capped.train_sft
     assert other_seed.hashes()["train_sft"] != capped.hashes()["train_sft"]
@@ -214,15 +217,30 @@ def test_load_sonnets(real_data_dir):
     base = RunParams(task="sonnets", data_dir=str(real_data_dir))
     sampled = D.load_task(base)
     assert sampled.train_pairs is None  # the caller samples rejected continuations
-    assert (len(sampled.train_sft), len(sampled.dev_eval), len(sampled.dev_pairs)) == (131, 12, 12)
-    assert len(sampled.test_prompts) == 12 and all(p.count("\n") == 3 for p in sampled.test_prompts)
+    # Selection: 12 training sonnets held out (never trained on); report: dev sonnets 132-143.
+    assert (len(sampled.train_sft), len(sampled.eval_rows), len(sampled.eval_pairs)) == (119, 12, 12)
+    assert (len(sampled.test_rows), len(sampled.test_pairs)) == (12, 12)
+    train_text = (real_data_dir / "sonnets-train.txt").read_text().replace("\r", "")
+    dev_text = (real_data_dir / "sonnets-dev.txt").read_text().replace("\r", "")
+    assert all(r["prompt"].split("\n")[0] in train_text and r["prompt"] not in dev_text for r in sampled.eval_rows)
+    assert all(r["prompt"].split("\n")[0] in dev_text for r in sampled.test_rows)
+    trained = {r["prompt"] for r in sampled.train_sft}
+    assert not trained & {r["prompt"] for r in sampled.eval_rows}
+    assert len(sampled.unscored_prompts) == 12 and all(p.count("\n") == 3 for p in sampled.unscored_prompts)
     assert set(sampled.source_files) == set(D.SONNET_FILES.values())
-    assert all(p["chosen"] != p["rejected"] for p in sampled.dev_pairs)
-    assert [p["prompt"] for p in sampled.dev_pairs] == [r["prompt"] for r in sampled.dev_eval]
-    other = D.load_task(replace(base, rejected_source="other", train_size=0.5, max_eval_examples=5))
-    assert len(other.train_sft) == len(other.train_pairs) == 66 and len(other.dev_eval) == 5
+    for rows, pairs in ((sampled.eval_rows, sampled.eval_pairs), (sampled.test_rows, sampled.test_pairs)):
+        assert all(p["chosen"] != p["rejected"] for p in pairs)
+        assert [p["prompt"] for p in pairs] == [r["prompt"] for r in rows]
+    # The selection sonnets are fixed by data_seed, not by the training seed.
+    assert D.load_task(replace(base, seed=5)).eval_rows == sampled.eval_rows
+    assert D.load_task(replace(base, data_seed=1)).eval_rows != sampled.eval_rows
+    other = D.load_task(replace(base, rejected_source="other", train_size=0.5, max_eval_examples=5,
+                                max_test_examples=4))
+    assert len(other.train_sft) == len(other.train_pairs) == 60 and len(other.eval_rows) == 5
+    assert len(other.test_rows) == len(other.test_pairs) == 4
     assert all(p["chosen"] != p["rejected"] for p in other.train_pairs)
-    assert set(other.hashes()) == {"train_sft", "train_pairs", "dev_eval", "dev_pairs", "test_prompts"}
+    assert set(other.hashes()) == {"train_sft", "train_pairs", "eval_rows", "eval_pairs", "test_rows", "test_pairs",
+                                   "unscored_prompts"}
 
 
 # --- user data -------------------------------------------------------------------------
@@ -250,12 +268,13 @@ def test_read_jsonl_errors_name_line_and_row(tmp_path):
 def test_load_jsonl_task_sft_and_preference(tmp_path):
     sft_rows = [{"prompt": f"p{i}", "completion": f"c{i}", "extra": i} for i in range(20)]
     sft = D.load_task(RunParams(task="jsonl", data_path=str(jsonl(tmp_path / "sft.jsonl", sft_rows, "\n"))))
-    assert (len(sft.train_sft), len(sft.dev_eval), sft.train_pairs, sft.dev_pairs) == (18, 2, None, [])
+    assert (len(sft.train_sft), len(sft.eval_rows), sft.train_pairs, sft.eval_pairs) == (18, 2, None, [])
+    assert sft.test_rows == sft.test_pairs == []  # user data: selection split only
     assert set(sft.train_sft[0]) == {"prompt", "completion"}  # extra columns dropped
-    assert {r["prompt"] for r in sft.train_sft + sft.dev_eval} == {r["prompt"] for r in sft_rows}
+    assert {r["prompt"] for r in sft.train_sft + sft.eval_rows} == {r["prompt"] for r in sft_rows}
     pref_rows = [{"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}"} for i in range(10)]
     pref = D.load_task(RunParams(task="jsonl", data_path=str(jsonl(tmp_path / "pref.jsonl", pref_rows))))
-    assert len(pref.train_pairs) == 9 and pref.dev_pairs == pref.dev_eval and len(pref.dev_pairs) == 1
+    assert len(pref.train_pairs) == 9 and pref.eval_pairs == pref.eval_rows and len(pref.eval_pairs) == 1
     assert all(s["completion"] == p["chosen"] for s, p in zip(pref.train_sft, pref.train_pairs))
     assert list(pref.source_files) == ["pref.jsonl"]
 
@@ -308,7 +327,7 @@ def test_cli_data_command(real_data_dir, tmp_path, capsys):
 
     assert main(["data", "--data-dir", str(real_data_dir)]) == 0
     out = capsys.readouterr().out
-    assert "malformed rows skipped 2" in out and "66279661d492" in out and "train 131, dev 12" in out
+    assert "malformed rows skipped 2" in out and "66279661d492" in out and "train 119, selection 12, report 12" in out
     assert main(["data", "--data-dir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "PREFNB_DATA" in err and len(err.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ from prefnb.cli import main as cli_main
 from prefnb.config import resolve_params
 from prefnb.logprobs import collate, encode
 
-TINY = dict(model="tiny", max_train_examples=24, max_eval_examples=8, batch_size=4, max_steps=6, log_every=2,
+TINY = dict(model="tiny", max_train_examples=24, max_eval_examples=8, max_test_examples=8, batch_size=4, max_steps=6, log_every=2,
             learning_rate=3e-3, max_length=160, max_new_tokens=8, eval_batch_size=16)
 
 
@@ -45,7 +45,8 @@ def test_sft_writes_the_run_directory_and_loss_falls(sft_run):
     losses_logged = history(out)
     assert losses_logged[-1] < losses_logged[0]
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and "eval/f1" in metrics
-    assert metrics["train/tokens_per_second"] > 0 and metrics["train/peak_memory_bytes"] > 0
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0 and "test/f1" in metrics  # the report split, scored once
+    assert metrics["train/tokens_per_second"] > 0 and metrics["train/process_peak_rss_bytes"] > 0
     # 16 steps: step 1 is timed from the call, steady throughput from step 3 (the warm-up) on.
     assert 0 < metrics["train/first_step_seconds"] < metrics["run/seconds"]
     assert metrics["train/steady_steps_per_second"] > 0 and metrics["train/steady_tokens_per_second"] > 0
@@ -63,11 +64,54 @@ def test_staged_dpo_from_sft_raises_reward_accuracy_and_shares_the_reference_cac
     assert acc[-1] > acc[0]
     assert history(Path(dpo.output_dir), "loss")[0] == pytest.approx(0.693, abs=0.05)  # starts at ln 2
     cached = sorted((tmp_path / "cache" / "reference_logps").glob("*.pt"))
-    assert len(cached) == 2  # train and dev pairs
+    assert len(cached) == 3  # train, selection and report pairs
     # A β sweep reuses the same reference log-probs: no new cache entries.
     train_mod.train(make_params(tmp_path, "dpo_beta", objective="dpo", init_from=sft_params.output_dir, beta=0.05),
                     progress=False)
     assert sorted((tmp_path / "cache" / "reference_logps").glob("*.pt")) == cached
+
+
+def test_the_report_split_is_scored_once_on_the_selected_checkpoint(tmp_path, monkeypatch):
+    """Selection picks the step-2 checkpoint of 6 (the first evaluation wins every tie-break
+    here); the test split must be scored once, after training, on those step-2 weights."""
+    real = train_mod.run_evaluation
+    calls = []
+
+    def spy(model, tokenizer, split, *args, **kwargs):
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+        calls.append((split.name, weights))
+        return real(model, tokenizer, split, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "run_evaluation", spy)
+    monkeypatch.setattr(train_mod, "is_better", lambda metric, new, old: old is None)
+    metrics = train_mod.train(make_params(tmp_path, "sel", eval_every=2, max_steps=6), progress=False)
+    assert [name for name, _ in calls] == ["eval", "eval", "eval", "test"]  # steps 2, 4, 6 (final); then test
+    assert metrics["best_step"] == 2
+    selected = calls[0][1]
+    assert torch.equal(calls[-1][1], selected) and not torch.equal(calls[-2][1], selected)
+    assert {"test/accuracy", "test/f1", "test/implicit_reward_accuracy", "eval/accuracy"} <= metrics.keys()
+    history_rows = [json.loads(line) for line in (tmp_path / "sel" / "history.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("test/") for row in history_rows for k in row)  # selection only in the history
+
+
+def test_costs_of_training_alone(tmp_path, monkeypatch):
+    """train/seconds leaves evaluation and checkpoint writes out (reported beside it); the CPU
+    peak of a second run in one process cannot be its own, so it is null, not a wrong number."""
+    import time
+
+    real = train_mod.run_evaluation
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "run_evaluation", slow)
+    monkeypatch.setitem(train_mod._RUNS_IN_PROCESS, "started", 1)  # as if a run came before in this process
+    m = train_mod.train(make_params(tmp_path, "cost", eval_every=1, max_steps=4, save_every=2), progress=False)
+    assert m["eval/seconds"] >= 0.5 * 5 and m["checkpoint/seconds"] > 0  # 3 in-loop evals, final, test
+    assert m["train/seconds"] + m["eval/seconds"] + m["checkpoint/seconds"] <= m["run/seconds"]
+    assert m["train/tokens_per_second"] == pytest.approx(m["train/tokens"] / m["train/seconds"])
+    assert m["train/peak_memory_bytes"] is None and m["train/process_peak_rss_bytes"] > 0
 
 
 def test_lora_changes_only_adapter_weights():
@@ -105,7 +149,11 @@ def test_same_params_give_identical_metrics(tmp_path):
     a = train_mod.train(make_params(tmp_path, "a"), progress=False)
     b = train_mod.train(make_params(tmp_path, "b"), progress=False)
     assert history(tmp_path / "a") == history(tmp_path / "b")
-    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {k: v for k, v in b.items() if k.startswith("eval/")}
+
+    def scores(m):  # every selection and report metric; not the seconds they took
+        return {k: v for k, v in m.items() if k.startswith(("eval/", "test/")) and not k.endswith("/seconds")}
+
+    assert scores(a) == scores(b) and "test/accuracy" in scores(a)
 
 
 def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch):
@@ -173,6 +221,7 @@ def test_sonnets_sft_then_dpo_with_sampled_rejections(tmp_path):
     sft = make_params(tmp_path, "s_sft", task="sonnets", max_steps=4, max_train_examples=8, max_eval_examples=3)
     metrics = train_mod.train(sft, progress=False)
     assert 0.0 <= metrics["eval/chrf"] <= 100.0 and "eval/chrf_full" in metrics
+    assert 0.0 <= metrics["test/chrf"] <= 100.0 and "test/chrf_full" in metrics
     dpo = make_params(tmp_path, "s_dpo", task="sonnets", objective="ipo", init_from=sft.output_dir, max_steps=2,
                       max_train_examples=8, max_eval_examples=3)
     train_mod.train(dpo, progress=False)
@@ -283,6 +332,8 @@ def test_bf16_trains_like_fp32_within_bf16_resolution(tmp_path):
     for precision, proc in procs.items():
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     fp32, bf16 = history(tmp_path / "fp32"), history(tmp_path / "bf16")
+    # Each run was its process's first: its CPU peak (process RSS) is its own.
+    assert json.loads((tmp_path / "fp32" / "metrics.json").read_text())["train/peak_memory_bytes"] > 0
     assert len(fp32) == len(bf16) == 6 and bf16 != fp32  # bf16 autocast was in effect
     torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=2**-7, atol=0.0)
 
