@@ -102,7 +102,7 @@ def test_prefnb_and_trl_see_the_same_batches_and_reach_the_same_losses():
     assert ours["losses"]["1"] == pytest.approx(0.693147, abs=1e-5)  # policy = reference: log 2
     for step in steps:
         assert ours["losses"][step] == pytest.approx(theirs["losses"][step], rel=1e-2), step
-    assert max(ours["losses"].values()) - min(ours["losses"].values()) > 0.1
+    assert max(ours["losses"].values()) - min(ours["losses"].values()) > 0.05  # ≫ the 1e-2 relative tolerance
     assert ours["first_step_seconds"] > 0 and theirs["steady_steps_per_second"] > 0
 
 
