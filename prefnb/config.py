@@ -289,9 +289,10 @@ def load_params(
 
 
 def params_root() -> Path:
-    """The project's params/ folder (next to the package in a source checkout, else ./params)."""
-    here = Path(__file__).resolve().parent.parent / "params"
-    return here if here.is_dir() else Path("params")
+    """The project's params/ folder (:func:`prefnb.project.find_project`: from the working directory)."""
+    from prefnb.project import find_project
+
+    return find_project() / "params"
 
 
 def profile_path(profile: str | Path) -> Path:

@@ -88,8 +88,8 @@ class Sonnet:
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     """The study data folder: `data_dir`, else $PREFNB_DATA, else ../shared/data.
 
-    The fallback is looked for next to the project root (the folder holding `prefnb/`),
-    then next to the working directory. An explicit choice that does not exist is an
+    The fallback is looked for next to the project found from the working directory
+    (:mod:`prefnb.project`), next to the package's checkout, then next to the working directory. An explicit choice that does not exist is an
     error rather than a silent fallback, so a typo never trains on other data.
     """
     if data_dir:
@@ -97,8 +97,11 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     elif os.environ.get("PREFNB_DATA"):
         candidates, source = [Path(os.environ["PREFNB_DATA"]).expanduser()], "PREFNB_DATA"
     else:
+        from prefnb.project import find_project
+
         project_root = Path(__file__).resolve().parents[1]
-        candidates = [project_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+        candidates = [find_project().parent / "shared" / "data", project_root.parent / "shared" / "data",
+                      Path.cwd().parent / "shared" / "data"]
         source = "default"
     for path in candidates:
         if path.is_dir():

@@ -2,8 +2,10 @@
 
 Each figure is a ``Figure(name, experiments, caption, select, draw)``: ``select`` picks its
 rows from the table (empty ⇒ the figure is skipped with a log line), ``draw`` returns a
-matplotlib figure. Error bars are 95 % bootstrap CIs across seeds (seaborn
-``errorbar=("ci", 95)``, fixed seed) when a cell has ≥ 2 seeds, and absent otherwise.
+matplotlib figure. Every figure shows the report split (``test/…``). Error bars are the
+same 95 % t-intervals over seeds as the tables (:func:`prefnb.tables.t_interval` as
+seaborn's ``errorbar``; seaborn's default would be a bootstrap CI): runs of one cell and
+seed are averaged first (:func:`_seed_means`), and a cell with one seed has no bar.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pandas as pd
 import seaborn as sns
 
 from prefnb.config import PREFERENCE_OBJECTIVES
-from prefnb.tables import METRIC_LABELS, SCENARIOS, TASK_METRIC
+from prefnb.tables import IRW, METRIC_LABELS, SCENARIOS, TASK_METRIC, t_interval
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,9 @@ def _order(values, preferred) -> list:
     """Present values in the preferred order, then any others sorted."""
     present = set(values)
     return [v for v in preferred if v in present] + sorted(present - set(preferred), key=str)
-AXIS = {"eval/accuracy": "accuracy (fraction correct)", "eval/f1": "F1", "eval/chrf": "chrF (0–100)",
-        "eval/chrf_full": "chrF, whole sonnet (0–100)",
-        "eval/implicit_reward_accuracy": "implicit-reward acc. (fraction)"}
+AXIS = {"test/accuracy": "test accuracy (fraction correct)", "test/f1": "test F1", "test/chrf": "test chrF (0–100)",
+        "test/chrf_full": "test chrF, whole sonnet (0–100)",
+        IRW: "test implicit-reward acc. (fraction)"}
 
 
 @dataclass
@@ -48,12 +50,15 @@ class Figure:
     draw: Callable[[pd.DataFrame], matplotlib.figure.Figure]
 
 
-N_BOOT = 1000  # seaborn's bootstrap resamples per CI (tests lower it for speed)
-
-
 def _ci(data: pd.DataFrame) -> dict:
-    """95 % bootstrap CI across seeds where there are ≥ 2 seeds (fixed seed: reproducible)."""
-    return {"errorbar": ("ci", 95) if data["seed"].nunique() >= 2 else None, "seed": 0, "n_boot": N_BOOT}
+    """The error bar: 95 % t-interval over seeds where there are ≥ 2 seeds, none otherwise."""
+    return {"errorbar": t_interval if data["seed"].nunique() >= 2 else None}
+
+
+def _seed_means(data: pd.DataFrame, keys: list[str], value: str = "value") -> pd.DataFrame:
+    """One row per (cell, seed): runs of one cell that share a seed are not replicates, so
+    they are averaged before the interval over seeds (as :func:`prefnb.tables.paired_t` does)."""
+    return data.groupby([*keys, "seed"], as_index=False, dropna=False, observed=True)[value].mean()
 
 
 def _of(df: pd.DataFrame, *experiments: str) -> pd.DataFrame:
@@ -77,7 +82,7 @@ def _finish(g, title: str, data: pd.DataFrame, bars: bool = False):
         for ax in g.axes.flat:
             ax.set_ylim(0, max(ax.get_ylim()[1], 1e-9) if ax.get_ylim()[1] > 1e-9 else 1)
     seeds = data["seed"].nunique()
-    ci = "error bars: 95% CI across seeds" if seeds >= 2 else "one seed: no error bars"
+    ci = "error bars: 95% t-interval over seeds" if seeds >= 2 else "one seed: no error bars"
     g.figure.suptitle(f"{title}\n({seeds} seed{'s' if seeds != 1 else ''}; {ci})", y=1.0, va="bottom")
     return g.figure
 
@@ -85,10 +90,11 @@ def _finish(g, title: str, data: pd.DataFrame, bars: bool = False):
 # --- (a) SFT / DPO / staged × FFT / LoRA --------------------------------------------------
 def _methods(df):
     return _long(_of(df, "01_sft", "02_dpo", "03_staged"),
-                 {"paraphrase": ["eval/accuracy", "eval/f1"], "sonnets": ["eval/chrf", "eval/chrf_full"]})
+                 {"paraphrase": ["test/accuracy", "test/f1"], "sonnets": ["test/chrf", "test/chrf_full"]})
 
 
 def draw_methods(data):
+    data = _seed_means(data, ["method", "tuning", "measure"])
     g = sns.catplot(data=data, kind="bar", x="method", y="value", hue="tuning", col="measure", col_wrap=2,
                     order=[m for m in METHODS if m in set(data["method"])], **_ci(data),
                     sharey=False, height=3.2, aspect=1.3, capsize=0.1)
@@ -100,12 +106,13 @@ def draw_methods(data):
 def _beta(df):
     data = _of(df, "04_reference_strength")
     data = data[data["method"] != "SFT"] if len(data) else data
-    return _long(data, {t: [m, "eval/implicit_reward_accuracy"] for t, m in TASK_METRIC.items()})
+    return _long(data, {t: [m, IRW] for t, m in TASK_METRIC.items()})
 
 
 def draw_beta(data):
     data = data.assign(variant=data["reward"] + np.where(data["reference_kind"].isin(["", "none"]), "",
                                                           " · ref: " + data["reference_kind"]))
+    data = _seed_means(data, ["beta", "variant", "measure"])
     g = sns.relplot(data=data, kind="line", x="beta", y="value", hue="variant", style="variant", col="measure",
                     col_wrap=2, markers=True, dashes=False, **_ci(data),
                     facet_kws={"sharey": False}, height=3.2, aspect=1.3)
@@ -125,6 +132,7 @@ def _variants(df):
 
 
 def draw_variants(data):
+    data = _seed_means(data, ["objective", "scenario", "measure"])
     g = sns.catplot(data=data, kind="bar", x="objective", y="value", hue="scenario", col="measure",
                     order=_order(data["objective"], PREFERENCE_OBJECTIVES),
                     hue_order=_order(data["scenario"], SCENARIO_ORDER),
@@ -141,6 +149,7 @@ def _train_size(df):
 
 
 def draw_train_size(data):
+    data = _seed_means(data, ["train_pct", "objective", "scenario", "measure"])
     g = sns.relplot(data=data, kind="line", x="train_pct", y="value", hue="objective", style="objective",
                     hue_order=_order(data["objective"], PREFERENCE_OBJECTIVES),
                     style_order=_order(data["objective"], PREFERENCE_OBJECTIVES),
@@ -154,7 +163,7 @@ def draw_train_size(data):
 # --- (e) LoRA vs FFT: quality against cost ---------------------------------------------
 def _cost(df):
     data = _of(df, "05_lora_vs_fft")
-    need = ["quality", "train/seconds", "peak_memory_mib"]
+    need = ["test_quality", "train/seconds", "peak_memory_mib"]
     return data.dropna(subset=[c for c in need if c in data] or None) if len(data) and all(
         c in data for c in need) else data.iloc[0:0]
 
@@ -169,11 +178,12 @@ def draw_cost(data):
         ylabel = f"{task}: {AXIS.get(TASK_METRIC.get(task, ''), 'score')}"
         for j, (x, xlabel) in enumerate([("train/seconds", "training wall-clock (s)"),
                                          ("peak_memory_mib", "peak memory (MiB)")]):
-            sns.scatterplot(data=d, x=x, y="quality", hue="tuning", style="tuning", size="max_steps",
+            sns.scatterplot(data=d, x=x, y="test_quality", hue="tuning", style="tuning", size="max_steps",
                             hue_order=order, style_order=order, palette=palette, ax=axes[i, j], s=60)
             axes[i, j].set(xlabel=xlabel, ylabel=ylabel)
-        sns.barplot(data=d, x="tuning", y="train/tokens_per_second", hue="tuning", order=order, palette=palette,
-                    **_ci(d), ax=axes[i, 2], capsize=0.1, legend=False)
+        throughput = _seed_means(d, ["tuning"], "train/tokens_per_second")  # several depths per seed
+        sns.barplot(data=throughput, x="tuning", y="train/tokens_per_second", hue="tuning", order=order,
+                    palette=palette, **_ci(throughput), ax=axes[i, 2], capsize=0.1, legend=False)
         axes[i, 2].set(xlabel="fine-tuning", ylabel="training throughput (tokens/s)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     for ax in axes.flat:
@@ -198,15 +208,15 @@ def _sft_objectives(df):
         t = data[data["task"] == task]
         after = t[t["stage"] == "after DPO"]
         for sub, m, label in [(after, metric, f"{task}: after DPO, {AXIS[metric]}"),
-                              (t[t["stage"] == "SFT model"], "eval/implicit_reward_accuracy",
-                               f"{task}: SFT model, implicit-reward acc."),
-                              (after, "eval/implicit_reward_accuracy", f"{task}: after DPO, implicit-reward acc.")]:
+                              (t[t["stage"] == "SFT model"], IRW, f"{task}: SFT model, test implicit-reward acc."),
+                              (after, IRW, f"{task}: after DPO, test implicit-reward acc.")]:
             if m in sub and sub[m].notna().any():
                 parts.append(sub.assign(measure=label.replace(": ", "\n", 1), value=sub[m]).dropna(subset=["value"]))
     return pd.concat(parts, ignore_index=True) if parts else data.iloc[0:0]
 
 
 def draw_sft_objectives(data):
+    data = _seed_means(data, ["sft_objective", "sft_lr_scale", "measure"])
     scales = sorted(data["sft_lr_scale"].unique(), key=lambda s: -Fraction(s.rstrip("×")) if s else 0)
     g = sns.catplot(data=data, kind="bar", x="sft_objective", y="value", hue="sft_lr_scale", hue_order=scales,
                     col="measure", col_wrap=3, order=[o for o in SFT_OBJECTIVES if o in set(data["sft_objective"])],
@@ -219,24 +229,24 @@ def draw_sft_objectives(data):
 
 FIGURES = [
     Figure("methods", ("01_sft", "02_dpo", "03_staged"),
-           "Task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the SFT "
+           "Test-split task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the SFT "
            "model), with full fine-tuning (FFT) and LoRA.", _methods, draw_methods),
     Figure("beta", ("04_reference_strength",),
-           "β sweep: task metric and implicit-reward accuracy against β for each reward kind (dpo with a "
+           "β sweep: test-split task metric and implicit-reward accuracy against β for each reward kind (dpo with a "
            "reference model, probability = no reference, likelihood = prior p(y) as reference) and reference "
            "model.", _beta, draw_beta),
     Figure("variants", ("06_dpo_variants",),
            "Preference objectives by scenario (after SFT, no SFT, instruction-tuned start) at the largest "
-           "training set.", _variants, draw_variants),
+           "training set: test-split task metric.", _variants, draw_variants),
     Figure("train_size", ("06_dpo_variants",),
-           "Task metric against the fraction of training pairs used, per objective and scenario.",
+           "Test-split task metric against the fraction of training pairs used, per objective and scenario.",
            _train_size, draw_train_size),
     Figure("cost", ("05_lora_vs_fft",),
-           "LoRA ranks vs full fine-tuning: task metric against training wall-clock and peak memory "
-           "(marker size: training steps), and training throughput.", _cost, draw_cost),
+           "LoRA ranks vs full fine-tuning: test-split task metric against training wall-clock and peak memory "
+           "(training only; marker size: training steps), and training throughput.", _cost, draw_cost),
     Figure("sft_objectives", ("07_sft_objectives",),
-           "SFT objective (f-divergence) and SFT learning rate against the metric after DPO and the "
-           "implicit-reward accuracy of the SFT model and of the DPO model.", _sft_objectives, draw_sft_objectives),
+           "SFT objective (f-divergence) and SFT learning rate against the test-split metric after DPO and the "
+           "test-split implicit-reward accuracy of the SFT model and of the DPO model.", _sft_objectives, draw_sft_objectives),
 ]
 
 

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping
 
 from prefnb.config import FIELDS, ParamsError, RunParams, coerce_value, read_profile, resolve_params
 from prefnb.grid_files import (STUDY_KEYS, Context, Group, Layer, apply_scales, check_keys, display_path,
-                               experiment_files, find_profile, load_groups, order_groups, scale_field, target_key)
+                               experiment_files, find_profile, fixed_epochs, load_groups, order_groups, scale_field,
+                               target_key, train_size_design)
 
 @dataclass
 class Run:
@@ -179,6 +180,14 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
                     layers.append(copied)  # the upstream's values win: a DPO run has its SFT run's task
                 group_runs.append(_resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels,
                                                up, runs_by_group, project, outputs))
+        design = train_size_design(group.spec, group.source)
+        if design == "fixed_epochs" and group_runs:
+            largest = max(r.params.train_size for r in group_runs)
+            for run in group_runs:
+                run.params = fixed_epochs(run.params, largest, group.source)
+        if "train_size_design" in group.spec:
+            for run in group_runs:
+                run.labels["train_size_design"] = design
         for run in group_runs:
             if run.run_id in all_runs:
                 first = all_runs[run.run_id]

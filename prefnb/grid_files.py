@@ -10,6 +10,7 @@ Experiment file (``params/<experiment>.yaml``; the file name is the experiment n
       staged:
         description: ...               # optional
         notebook: 01_sft.ipynb         # optional, overrides the file's notebook for this group
+        train_size_design: fixed_epochs  # optional (06): see "Training-set size" below
         base:                          # flat RunParams keys shared by the group's runs
           use: preference              # merge the profile's preset `preference` (see below)
           objective: dpo
@@ -34,6 +35,16 @@ Values of keys
     ``each: [keys]``  (in ``base`` only) one run of this group per run of that group,
                       copying these keys from it (07: one DPO per SFT run).
   No run, or several, matching is an error that names the file and the key.
+
+Training-set size (a group whose runs vary ``train_size``): ``train_size_design`` says what
+is held fixed as the training set shrinks.
+- ``fixed_steps`` (the default): every run takes ``max_steps`` steps, so a smaller set is
+  seen for more epochs (size and epochs are confounded);
+- ``fixed_epochs``: ``max_steps`` is the budget of the group's largest ``train_size``; a run
+  with fraction f of it takes ``max_steps · f / f_max`` steps (at least 1), and the other
+  step-counted keys (``warmup_steps``, ``eval_every``, ``save_every``) shrink with it, so every
+  size is seen for the same number of epochs. The design is recorded as the run label
+  ``train_size_design``, which the paper quotes.
 
 Profile (``params/profiles/<name>.yaml``): flat RunParams keys, then ``study:``::
 
@@ -69,7 +80,7 @@ from prefnb.config import FIELDS, ParamsError, RunParams, coerce_value, read_yam
 
 DEPENDENCY_KEYS = ("init_from", "reference")
 EXPERIMENT_KEYS = {"notebook", "description", "groups"}
-GROUP_KEYS = {"notebook", "description", "base", "grid"}
+GROUP_KEYS = {"notebook", "description", "base", "grid", "train_size_design"}
 OVERRIDE_KEYS = GROUP_KEYS | {"extends", "skip"}
 STUDY_KEYS = {"presets", "tasks", "grid", "experiments", "description", "jobs"}
 DEP_SPEC_KEYS = {"group", "match", "where", "each"}
@@ -203,6 +214,27 @@ def apply_scales(params: RunParams, scales: Mapping[str, tuple[float, str]]) -> 
 # ---------------------------------------------------------------------------------------
 # groups: the file's, with the profile's overrides
 # ---------------------------------------------------------------------------------------
+TRAIN_SIZE_DESIGNS = ("fixed_steps", "fixed_epochs")
+STEP_KEYS = ("max_steps", "warmup_steps", "eval_every", "save_every")  # counted in optimizer steps
+
+
+def fixed_epochs(params: RunParams, largest_train_size: float, source: str) -> RunParams:
+    """The run's step-counted keys scaled by train_size / largest_train_size (``fixed_epochs``):
+    as many epochs as the largest size gets from ``max_steps``. At least 1 step; 0 (off) stays 0."""
+    fraction = params.train_size / largest_train_size
+    changes = {key: max(1, round(getattr(params, key) * fraction)) for key in STEP_KEYS if getattr(params, key)}
+    return replace(params, **{k: coerce_value(k, v, f"{source} (train_size_design: fixed_epochs)")
+                              for k, v in changes.items()})
+
+
+def train_size_design(spec: dict, source: str) -> str:
+    design = spec.get("train_size_design", "fixed_steps")
+    if design not in TRAIN_SIZE_DESIGNS:
+        raise ParamsError(f"{source}: key 'train_size_design' must be one of {', '.join(TRAIN_SIZE_DESIGNS)}, "
+                          f"got {design!r}")
+    return design
+
+
 @dataclass
 class Group:
     experiment: str
@@ -235,6 +267,8 @@ def _apply_override(spec: dict, override: dict, source: str, *, global_grid: boo
         spec["description"] = override["description"]
     if "notebook" in override:
         spec["notebook"] = override["notebook"]
+    if "train_size_design" in override:
+        spec["train_size_design"] = override["train_size_design"]
     if override.get("base"):
         if not isinstance(override["base"], dict):
             raise ParamsError(f"{source}: key 'base' must be a mapping")

@@ -28,6 +28,9 @@ from typing import Any
 
 import yaml
 
+from prefnb.project import outputs_dir
+from prefnb.project import paper_dir as project_paper_dir
+
 log = logging.getLogger(__name__)
 
 PAPER_FILE = "index.qmd"
@@ -212,18 +215,18 @@ def render(paper_dir: Path, engine: str = "auto") -> list[Path]:
 
 
 def default_paper_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "paper"
-    return here if (here / PAPER_FILE).is_file() else Path("paper")
+    """The project's paper/ (:mod:`prefnb.project`: found from the working directory)."""
+    return project_paper_dir()
 
 
-def build_paper(outputs: str | Path = "outputs", paper_dir: str | Path | None = None, *, engine: str = "auto",
+def build_paper(outputs: str | Path | None = None, paper_dir: str | Path | None = None, *, engine: str = "auto",
                 render_output: bool = True, figures: bool = True) -> list[Path]:
     """Build the report, copy its inputs into the paper, render. Returns the rendered files.
 
     ``figures=False`` (tests) redraws no figure and keeps those of the last build."""
     from prefnb.report import _build
 
-    outputs, paper_dir = Path(outputs), Path(paper_dir) if paper_dir else default_paper_dir()
+    outputs, paper_dir = Path(outputs or outputs_dir()), Path(paper_dir) if paper_dir else default_paper_dir()
     if not (paper_dir / PAPER_FILE).is_file():
         raise _user_error(f"{paper_dir / PAPER_FILE} not found: pass --paper DIR (the Quarto project)")
     if render_output:
@@ -236,11 +239,11 @@ def build_paper(outputs: str | Path = "outputs", paper_dir: str | Path | None = 
 # ---------------------------------------------------------------------------------------
 # verify
 # ---------------------------------------------------------------------------------------
-def verify(outputs: str | Path = "outputs", paper_dir: str | Path | None = None) -> list[str]:
+def verify(outputs: str | Path | None = None, paper_dir: str | Path | None = None) -> list[str]:
     """Problems that make the paper stale or incomplete (empty list: it is up to date)."""
     from prefnb.report import build_text_artifacts, collect_runs
 
-    outputs, paper_dir = Path(outputs), Path(paper_dir) if paper_dir else default_paper_dir()
+    outputs, paper_dir = Path(outputs or outputs_dir()), Path(paper_dir) if paper_dir else default_paper_dir()
     problems: list[str] = []
     fresh = build_text_artifacts(collect_runs(outputs, save=False))
     for rel, text in fresh.items():
@@ -326,7 +329,8 @@ def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | Non
 def _cmd_paper(args: argparse.Namespace) -> int:
     files = build_paper(args.outputs, args.paper, engine=args.engine, render_output=not args.no_render)
     paper_dir = Path(args.paper) if args.paper else default_paper_dir()
-    print(f"paper inputs: {paper_dir / GENERATED}/ and {paper_dir / VARIABLES} (from {args.outputs}/report/)")
+    print(f"paper inputs: {paper_dir / GENERATED}/ and {paper_dir / VARIABLES} "
+          f"(from {args.outputs or outputs_dir()}/report/)")
     for f in files:
         print(f"rendered: {f}")
     if any(f.parent.name == "_preview" for f in files):
@@ -353,8 +357,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--outputs", default="outputs", help="the study's outputs folder (default: outputs)")
-    common.add_argument("--paper", default=None, help="the Quarto project (default: paper/ of this checkout)")
+    common.add_argument("--outputs", default=None,
+                        help="the study's outputs folder (default: outputs/ of the project found from here)")
+    common.add_argument("--paper", default=None,
+                        help="the Quarto project (default: paper/ of the project found from here)")
     p = subparsers.add_parser("paper", parents=[common], help="build figures/tables from outputs and render the paper",
                               description=__doc__.split("\n\n")[1])
     p.add_argument("--engine", choices=("auto", "quarto", "pandoc"), default="auto",

@@ -8,7 +8,7 @@ and labels derived from the parameters (method, tuning, reference kind, scenario
 ``build_report`` writes, under ``outputs/report/``:
 
 - ``runs.csv`` / ``runs.parquet``   the table;
-- ``tables/*.md|csv``              per-experiment mean ± 95 % CI across seeds, effect sizes;
+- ``tables/*.md|csv``              per-experiment mean ± 95 % t-interval across seeds, paired effects;
 - ``numbers.json``, ``_variables.yml`` every number the paper's text quotes (Quarto ``var``);
 - ``sections/*.md``                the results block of each experiment (figures + tables);
 - ``figures/*.png|svg``            the study's figures (``prefnb.figures``).
@@ -32,8 +32,9 @@ import pandas as pd
 import yaml
 
 from prefnb.rundir import MARKER
-from prefnb.tables import (EFFECTS, METRIC_LABELS, SCENARIOS, SUMMARY, TASK_METRIC, _metric_spec, cell, effects, fmt,  # noqa: F401
-                           markdown_table, settings_table, summary_table)
+from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, METRIC_LABELS, SCENARIOS, SUMMARY, TASK_METRIC,  # noqa: F401
+                           _metric_spec, cell, effects, fmt, markdown_table, report_metric, selection_metric,
+                           settings_table, summary_table)
 
 log = logging.getLogger(__name__)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads hundreds of params files fast
@@ -119,9 +120,11 @@ def _lr_scale(x: float) -> str:
 
 
 def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Add method, tuning, reward, reference_kind, scenario, SFT-parent columns, quality."""
+    """Add method, tuning, reward, reference_kind, scenario, SFT-parent columns, and the key
+    metric on both splits (eval_quality: selection, test_quality: report)."""
     if df.empty:
-        return pd.DataFrame(columns=["experiment", "run_id", "task", "seed", "method", "tuning", "quality"])
+        return pd.DataFrame(columns=["experiment", "run_id", "task", "seed", "method", "tuning", "eval_quality",
+                                     "test_quality"])
     df = df.copy()
     for col, default in (("objective", "sft"), ("init_from", None), ("lora_r", 0), ("reference", "policy"),
                          ("model", "tiny"), ("task", "paraphrase"), ("seed", 0), ("sft_loss", "kl"),
@@ -162,8 +165,13 @@ def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
     df["sft_parent"] = parent_id.where(parent_is_sft, "").fillna("")
     if "train/peak_memory_bytes" in df:
         df["peak_memory_mib"] = df["train/peak_memory_bytes"] / 2**20
-    df["metric"] = df["task"].map(TASK_METRIC).fillna("eval/implicit_reward_accuracy")
-    df["quality"] = [row.get(m, np.nan) if m in row else np.nan for m, row in zip(df["metric"], df.to_dict("records"))]
+    # The run's key metric on both splits: `eval_quality` (selection: it picks best cells) and
+    # `test_quality` (report: every table, figure and quoted number).
+    df["selection_metric"] = df["task"].map(selection_metric)
+    df["metric"] = df["selection_metric"].map(report_metric)
+    records = df.to_dict("records")
+    for column, names in (("eval_quality", df["selection_metric"]), ("test_quality", df["metric"])):
+        df[column] = [float(row[m]) if m in row and row[m] is not None else np.nan for m, row in zip(names, records)]
     return df
 
 
@@ -184,19 +192,53 @@ def profile_of(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------
 # numbers quoted in the text
 # ---------------------------------------------------------------------------------------
-def _best(df: pd.DataFrame, by: list[str], spec: str) -> tuple[str, str]:
-    """(label of the best cell by mean quality, its mean) or ("n/a", "n/a")."""
-    if df.empty or df["quality"].isna().all():
-        return "n/a", "n/a"
-    means = df.groupby(by, dropna=False)["quality"].mean().dropna()
+def best_cell(df: pd.DataFrame, by: list[str], spec: str) -> dict[str, str]:
+    """The best cell of a grid, chosen on the SELECTION split and quoted on the REPORT split.
+
+    {"cell": its label, "value": mean ± 95 % t-interval over seeds of ``test_quality`` (what the
+    paper quotes), "selection": mean ``eval_quality`` (what chose it)}; "n/a" where nothing is
+    there. Choosing on the split that is reported would inflate the quoted number."""
+    none = {"cell": "n/a", "value": "n/a", "selection": "n/a"}
+    if df.empty or df["eval_quality"].isna().all():
+        return none
+    means = df.groupby(by, dropna=False)["eval_quality"].mean().dropna()
     key = means.idxmax()
     key = key if isinstance(key, tuple) else (key,)
-    return ", ".join(str(k) for k in key), fmt(float(means.max()), spec)
+    chosen = np.logical_and.reduce([df[col] == k for col, k in zip(by, key)])
+    test = df.loc[chosen, "test_quality"]
+    label = ", ".join(str(k) for k in key)
+    return {"cell": label, "value": cell(test, spec) or "n/a", "selection": fmt(float(means.max()), spec)}
 
 
 def _ratio(a: pd.Series, b: pd.Series) -> str:
     a, b = a.dropna(), b.dropna()
     return fmt(a.mean() / b.mean(), ".2f") + "×" if len(a) and len(b) and b.mean() else "n/a"
+
+
+def _cell_of(rows: pd.DataFrame, metric: str) -> str:
+    """Mean ± 95 % t-interval over seeds of one metric, or "n/a"."""
+    return (cell(rows[metric].astype(float), ".3f") or "n/a") if metric in rows and len(rows) else "n/a"
+
+
+TRAIN_SIZE_DESIGNS = {  # prefnb.grid_files: train_size_design
+    "fixed_epochs": "fixed epochs (the step budget shrinks with the training fraction, at least one step)",
+    "fixed_steps": "fixed steps (every training fraction gets the same number of steps)",
+}
+
+
+def _values_of(rows: pd.DataFrame, column: str, spec: str = "g") -> str:
+    vals = sorted(rows[column].dropna().unique()) if column in rows and len(rows) else []
+    return ", ".join(format(v, spec) if isinstance(v, (int, float, np.number)) else str(v) for v in vals) or "none"
+
+
+def _design(df: pd.DataFrame) -> dict[str, str]:
+    """The protocol facts the methods quote, read from the runs (not typed into the paper)."""
+    of = (lambda exp: df[df["experiment"] == exp]) if len(df) else (lambda exp: df)
+    variants, sweep = of("06_dpo_variants"), of("04_reference_strength")
+    sweep = sweep[sweep["method"] != "SFT"] if len(sweep) else sweep
+    designs = variants["label_train_size_design"].dropna().unique() if "label_train_size_design" in variants else []
+    return {"train_size": "; ".join(TRAIN_SIZE_DESIGNS.get(d, d) for d in sorted(designs)) or "not recorded",
+            "train_fractions": _values_of(variants, "train_size"), "betas": _values_of(sweep, "beta")}
 
 
 def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
@@ -214,9 +256,10 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
         "code_versions": ", ".join(sorted(df["code_version"].dropna().astype(str).unique())) if "code_version" in
                          df and df["code_version"].notna().any() else "not recorded",
         "effects": effect_numbers,
+        "design": _design(df),
     }
     for task in TASK_METRIC:
-        spec = _metric_spec("quality", task)[1]
+        spec = _metric_spec("test_quality", task)[1]
         t = df[df["task"] == task] if len(df) else df
         beta = t[t["experiment"] == "04_reference_strength"] if len(t) else t
         beta = beta[beta["method"] != "SFT"] if len(beta) else beta
@@ -227,23 +270,21 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
         obj = t[(t["experiment"] == "07_sft_objectives")] if len(t) else t
         after = obj[obj["stage"] == "after DPO"] if len(obj) else obj
         sft_models = obj[obj["stage"] == "SFT model"] if len(obj) else obj
-        best_beta, best_beta_value = _best(beta, ["reward", "reference_kind", "beta"], spec)
-        best_var, best_var_value = _best(var, ["objective", "scenario"], spec)
-        best_obj, best_obj_value = _best(after, ["sft_objective", "sft_lr_scale"], spec)
         lora = cost[cost["lora_r"] > 0] if len(cost) else cost
         fft = cost[cost["lora_r"] == 0] if len(cost) else cost
-        irw = "eval/implicit_reward_accuracy"
         n[task] = {
-            "metric": _metric_spec("quality", task)[0],
-            "best_beta": {"cell": best_beta, "value": best_beta_value},
-            "best_variant": {"cell": best_var, "value": best_var_value},
-            "best_sft_objective": {"cell": best_obj, "value": best_obj_value},
+            "metric": _metric_spec("test_quality", task)[0],
+            "selection_metric": _metric_spec("eval_quality", task)[0],
+            "best_beta": best_cell(beta, ["reward", "reference_kind", "beta"], spec),
+            "best_variant": best_cell(var, ["objective", "scenario"], spec),
+            "best_sft_objective": best_cell(after, ["sft_objective", "sft_lr_scale"], spec),
             "lora_time_ratio": _ratio(lora.get("train/seconds", pd.Series(dtype=float)),
                                       fft.get("train/seconds", pd.Series(dtype=float))),
             "lora_memory_ratio": _ratio(lora.get("peak_memory_mib", pd.Series(dtype=float)),
                                         fft.get("peak_memory_mib", pd.Series(dtype=float))),
-            "irw_sft": cell(sft_models[irw].astype(float), ".3f") or "n/a" if irw in obj else "n/a",
-            "irw_after_dpo": cell(after[irw].astype(float), ".3f") or "n/a" if irw in obj else "n/a",
+            "irw_sft": _cell_of(sft_models, IRW),
+            "irw_after_dpo": _cell_of(after, IRW),
+            "irw_after_dpo_total": _cell_of(after, IRW_TOTAL),
         }
     return n
 
@@ -251,14 +292,14 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # the paper's generated inputs
 # ---------------------------------------------------------------------------------------
+_CI = "test split, mean ± 95% t-interval across seeds"
 TABLE_CAPTIONS = {
-    "01_sft": "SFT: mean ± 95% CI across seeds", "02_dpo": "DPO alone: mean ± 95% CI across seeds",
-    "03_staged": "Staged SFT→DPO: mean ± 95% CI across seeds",
-    "04_reference_strength": "β sweep by reward kind and reference: mean ± 95% CI across seeds",
-    "05_lora_vs_fft": "LoRA vs FFT: quality and cost, mean ± 95% CI across seeds",
-    "06_dpo_variants": "Preference objectives × scenario × training-set fraction: mean ± 95% CI across seeds",
-    "07_sft_objectives": "SFT objective × SFT learning rate: the SFT model and the model after DPO, "
-                         "mean ± 95% CI across seeds",
+    "01_sft": f"SFT: {_CI}", "02_dpo": f"DPO alone: {_CI}",
+    "03_staged": f"Staged SFT→DPO: {_CI}",
+    "04_reference_strength": f"β sweep by reward kind and reference: {_CI}",
+    "05_lora_vs_fft": f"LoRA vs FFT: quality and cost (training only), {_CI}",
+    "06_dpo_variants": f"Preference objectives × scenario × training-set fraction: {_CI}",
+    "07_sft_objectives": f"SFT objective × SFT learning rate: the SFT model and the model after DPO, {_CI}",
 }
 
 
@@ -287,7 +328,7 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
             stem = f"tables/{exp}-{task}"
             files[f"{stem}.csv"] = table.to_csv(index=False, lineterminator="\n")
             files[f"{stem}.md"] = md = markdown_table(table)
-            caption = TABLE_CAPTIONS.get(exp, f"{exp}: mean ± 95% CI across seeds")
+            caption = TABLE_CAPTIONS.get(exp, f"{exp}: {_CI}")
             parts.append(md + f"\n: {caption} — {task} {{#tbl-{_slug(exp)}-{task}}}\n")
         if not tasks:
             parts.append(f"::: {{.callout-note}}\nNo finished runs of `{exp}` in these outputs: its figures and "
@@ -299,9 +340,9 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
         "::: {.callout-note}\nNo finished runs: no settings to list.\n:::\n")
     eff, eff_numbers = effects(df) if len(df) else (pd.DataFrame(), {k: {} for k in EFFECTS})
     files["tables/effects.csv"] = eff.to_csv(index=False, lineterminator="\n")
-    files["tables/effects.md"] = (markdown_table(eff) + "\n: Effect sizes: mean paired difference in the task "
-                                  "metric (same task, tuning and seed), 95% percentile-bootstrap CI over pairs "
-                                  "{#tbl-effects}\n") if len(eff) else (
+    files["tables/effects.md"] = (markdown_table(eff) + "\n: Paired effects on the test split: mean difference in "
+                                  "the task metric (pairs share task, fine-tuning and seed; pairs of one seed averaged "
+                                  "first), 95% t-interval over seeds {#tbl-effects}\n") if len(eff) else (
         "::: {.callout-note}\nNo paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged).\n:::\n")
     for task in TASK_METRIC:
         for name in EFFECTS:

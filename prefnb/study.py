@@ -30,15 +30,10 @@ from prefnb.config import ParamsError
 from prefnb.execute import (acquire_lock, error_line, execute_notebook, execute_run, key_metric, lock_path,
                             release_lock, run_seconds, state)
 from prefnb.grid import Run, Study, expand, run_summary
+from prefnb.project import find_project
 from prefnb.rundir import is_finished
 
 POLL_SECONDS = 5.0
-
-
-def project_root() -> Path:
-    """The folder holding params/ and notebooks/: the source checkout, else the working directory."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "params").is_dir() else Path.cwd()
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,7 +210,7 @@ def _print(*args, file: TextIO | None = None, **kw) -> None:
 # command line
 # ---------------------------------------------------------------------------------------
 def _build_study(args) -> Study:
-    project = Path(args.project) if args.project else project_root()
+    project = Path(args.project) if args.project else find_project()
     return expand(project, args.profile, outputs=args.outputs, params_dir=args.params_dir,
                   notebooks_dir=args.notebooks_dir)
 
@@ -249,7 +244,7 @@ def cmd_study(args) -> int:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(max(1, (os.cpu_count() or 1) // jobs)))
     started = time.perf_counter()
-    outcomes = run_all(study, runs, fail_fast=args.fail_fast, jobs=jobs)
+    outcomes = run_all(study, runs, fail_fast=args.fail_fast, jobs=jobs, execute=execute_notebook)
     _print()
     _print(summary_table(study, outcomes))
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)

@@ -1,8 +1,15 @@
-"""Statistics and tables of the runs table: mean ± 95 % CI across seeds, paired effect sizes.
+"""Statistics and tables of the runs table: mean ± 95 % t-interval across seeds, paired effects.
 
-A cell's CI is the t-interval of the mean over seeds (the seeds are the replicates); an
-effect is the mean of paired differences (same task, tuning and seed) with a 95 %
-percentile-bootstrap CI over the pairs (2,000 resamples, fixed seed: reproducible).
+Splits (DESIGN.md): ``eval/…`` metrics are the selection split (the best checkpoint of a
+run, and the best cell of a grid, are chosen on it); ``test/…`` metrics are the report
+split. Every table, figure and number of the paper shows ``test/…`` only; the selection
+metric appears only where it says what was selected.
+
+Intervals: seeds are the replicates. A cell's interval is the 95 % t-interval of the mean
+over seeds. An effect is a paired difference (same task, fine-tuning and seed); where
+several pairs share a seed (an effect pooled over strata) they are averaged within the
+seed first, and the interval is the t-interval of the per-seed means. One seed gives no
+interval, anywhere (figures included: :func:`t_interval` is their error bar).
 """
 
 from __future__ import annotations
@@ -12,26 +19,43 @@ import math
 import numpy as np
 import pandas as pd
 
-TASK_METRIC = {"paraphrase": "eval/accuracy", "sonnets": "eval/chrf"}
+from prefnb.config import KEY_METRICS
+
+
+def report_metric(selection_metric: str) -> str:
+    """The report-split twin of a selection-split metric: ``eval/x`` → ``test/x``."""
+    return "test/" + selection_metric.split("/", 1)[1]
+
+
+# The metric that sums a run up, per task: selected on KEY_METRICS (eval/), reported here (test/).
+TASK_METRIC = {task: report_metric(m) for task, m in KEY_METRICS.items()}
+IRW = "test/implicit_reward_accuracy"             # against the run's own reference
+IRW_TOTAL = "test/implicit_reward_accuracy_total"  # against the base model the chain started from
+_NAMES = {"accuracy": "accuracy", "f1": "F1", "chrf": "chrF", "chrf_full": "chrF (whole sonnet)",
+          "chrf_sampled": "chrF (sampled)", "chrf_full_sampled": "chrF (whole sonnet, sampled)",
+          "implicit_reward_accuracy": "implicit-reward acc.",
+          "implicit_reward_accuracy_total": "implicit-reward acc. vs base model", "loss": "held-out NLL"}
 METRIC_LABELS = {
-    "eval/accuracy": "accuracy", "eval/f1": "F1", "eval/chrf": "chrF", "eval/chrf_full": "chrF (whole sonnet)",
-    "eval/implicit_reward_accuracy": "implicit-reward acc.", "eval/loss": "held-out NLL",
+    **{f"test/{k}": f"{v} (test)" for k, v in _NAMES.items()},
+    **{f"eval/{k}": f"{v} (selection)" for k, v in _NAMES.items()},
     "train/seconds": "train time (s)", "train/tokens_per_second": "tokens/s", "peak_memory_mib": "peak memory (MiB)",
 }
-METRIC_FORMAT = {"eval/chrf": ".1f", "eval/chrf_full": ".1f", "train/seconds": ".1f",
-                 "train/tokens_per_second": ".0f", "peak_memory_mib": ".0f"}
+METRIC_FORMAT = {**{f"{split}/{k}": ".1f" for split in ("eval", "test") for k in _NAMES if k.startswith("chrf")},
+                 "train/seconds": ".1f", "train/tokens_per_second": ".0f", "peak_memory_mib": ".0f"}
 SCENARIOS = {"after_sft": "after SFT", "no_sft": "no SFT", "instruct": "instruction-tuned start"}
-# Per experiment: the columns that identify a cell (seeds are its replicates) and the metrics shown.
-QUALITY = ["quality", "eval/implicit_reward_accuracy"]
+# Per experiment: the columns that identify a cell (seeds are its replicates) and the metrics shown
+# (all on the report split; a metric no run has is left out).
+QUALITY = ["test_quality", IRW]
+_TASK_EXTRAS = ["test/f1", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled"]
 SUMMARY = {
-    "01_sft": (["task", "tuning"], ["quality", "eval/f1", "eval/chrf_full"]),
-    "02_dpo": (["task", "tuning"], ["quality", "eval/f1", "eval/chrf_full", "eval/implicit_reward_accuracy"]),
-    "03_staged": (["task", "tuning"], ["quality", "eval/f1", "eval/chrf_full", "eval/implicit_reward_accuracy"]),
+    "01_sft": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS]),
+    "02_dpo": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS, IRW]),
+    "03_staged": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS, IRW, IRW_TOTAL]),
     "04_reference_strength": (["task", "reward", "reference_kind", "beta"], QUALITY),
     "05_lora_vs_fft": (["task", "tuning", "max_steps"],
-                       ["quality", "train/seconds", "train/tokens_per_second", "peak_memory_mib"]),
+                       ["test_quality", "train/seconds", "train/tokens_per_second", "peak_memory_mib"]),
     "06_dpo_variants": (["task", "scenario", "objective", "train_size"], QUALITY),
-    "07_sft_objectives": (["task", "stage", "sft_objective", "sft_lr_scale"], QUALITY),
+    "07_sft_objectives": (["task", "stage", "sft_objective", "sft_lr_scale"], [*QUALITY, IRW_TOTAL]),
 }
 DEFAULT_SUMMARY = (["task", "method", "tuning"], QUALITY)
 # t_{0.975, df} for df = 1..30 (no scipy dependency); 1.96 beyond.
@@ -55,17 +79,23 @@ def mean_ci(values) -> tuple[float, float, int]:
     return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(n)), n
 
 
-def bootstrap_ci(diffs, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float, int]:
-    """(mean, low, high, n) of paired differences; percentile bootstrap, 95 %."""
-    d = np.asarray([x for x in diffs if not math.isnan(x)], dtype=float)
-    if len(d) == 0:
-        return float("nan"), float("nan"), float("nan"), 0
-    if len(d) == 1:
-        return float(d[0]), float("nan"), float("nan"), 1
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi), len(d)
+def t_interval(values) -> tuple[float, float]:
+    """(low, high) of the 95 % t-interval of the mean; NaN (no interval) for fewer than 2 values.
+    The error bar of every figure (seaborn's ``errorbar=`` callable), so figures and tables agree."""
+    m, h, _ = mean_ci(values)
+    return m - h, m + h
+
+
+def paired_t(diffs, seeds) -> tuple[float, float, float, int, int]:
+    """(mean, low, high, pairs, seeds) of paired differences, with the 95 % t-interval over seeds.
+
+    Pairs that share a seed are averaged within the seed first (they are not independent
+    replicates); the mean is then the mean of the per-seed means. Fewer than 2 seeds: no interval.
+    """
+    d = pd.DataFrame({"diff": np.asarray(diffs, dtype=float), "seed": np.asarray(seeds)}).dropna()
+    per_seed = d.groupby("seed")["diff"].mean()
+    m, h, n = mean_ci(per_seed)
+    return m, m - h, m + h, len(d), n
 
 
 def fmt(x: float, spec: str = ".3f", signed: bool = False) -> str:
@@ -92,9 +122,23 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def selection_metric(task: str) -> str:
+    """The selection-split metric of a task (KEY_METRICS; implicit-reward accuracy otherwise)."""
+    return KEY_METRICS.get(task, "eval/implicit_reward_accuracy")
+
+
+def metric_name(metric: str, task: str) -> str:
+    """`test_quality` / `eval_quality` → the task's key metric on that split; other names as given."""
+    if metric == "test_quality":
+        return report_metric(selection_metric(task))
+    if metric == "eval_quality":
+        return selection_metric(task)
+    return metric
+
+
 def _metric_spec(metric: str, task: str) -> tuple[str, str]:
-    """(column name, format) of a metric; `quality` is the task's key metric."""
-    name = TASK_METRIC.get(task, "eval/implicit_reward_accuracy") if metric == "quality" else metric
+    """(column name, format) of a metric (`test_quality`/`eval_quality`: the task's key metric)."""
+    name = metric_name(metric, task)
     return METRIC_LABELS.get(name, name), METRIC_FORMAT.get(name, ".3f")
 
 
@@ -103,7 +147,8 @@ HEADERS = {"reference_kind": "reference", "sft_objective": "SFT objective", "sft
 
 
 def summary_table(df: pd.DataFrame, experiment: str, task: str) -> pd.DataFrame:
-    """Mean ± 95 % CI across seeds of each cell of one experiment's grid, for one task."""
+    """Mean ± 95 % t-interval across seeds of each cell of one experiment's grid, for one task,
+    on the report split."""
     keys, metrics = SUMMARY.get(experiment, DEFAULT_SUMMARY)
     sub = df[(df["experiment"] == experiment) & (df["task"] == task)]
     if experiment == "04_reference_strength":  # its SFT runs are the stronger reference, not sweep cells
@@ -146,41 +191,45 @@ def _effect_rows(df: pd.DataFrame, treat, ctrl, keys) -> pd.DataFrame:
     if t.empty or c.empty:
         return pd.DataFrame()
     pairs = t.merge(c, on=keys, suffixes=("", "_ctrl"))
-    pairs["diff"] = pairs["quality"] - pairs["quality_ctrl"]
+    pairs["diff"] = pairs["test_quality"] - pairs["test_quality_ctrl"]
     return pairs
 
 
+def effect_text(m: float, lo: float, hi: float, pairs: int, seeds: int, spec: str) -> str:
+    """How the paper's text quotes an effect: the mean paired difference and its t-interval."""
+    count = f"{pairs} pair{'s' if pairs != 1 else ''}, {seeds} seed{'s' if seeds != 1 else ''}"
+    if pairs == 0:
+        return "n/a (no paired runs)"
+    if seeds < 2:
+        return f"{fmt(m, spec, True)} ({count}: no interval, it needs ≥ 2 seeds)"
+    return f"{fmt(m, spec, True)} (95% t-interval over seeds {fmt(lo, spec, True)} to {fmt(hi, spec, True)}; {count})"
+
+
 def effects(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Paired effect sizes (mean difference in the task metric) with bootstrap CIs."""
+    """Paired effects (mean difference in the task's report metric) with t-intervals over seeds."""
     rows, numbers = [], {}
     for name, (desc, treat, ctrl, keys) in EFFECTS.items():
         pairs = _effect_rows(df, treat, ctrl, keys)
         numbers[name] = {}
         for task in sorted(TASK_METRIC):
-            sub = pairs[pairs["task"] == task] if len(pairs) else pairs
+            sub = pairs[pairs["task"] == task].dropna(subset=["diff"]) if len(pairs) else pairs
             strata = [("all", sub)]
             if len(sub):
                 by = "method" if name == "lora_vs_fft" else "tuning"
                 strata += [(lab, g) for lab, g in sub.groupby(by, sort=True)]
             for label, g in strata:
-                m, lo, hi, n = bootstrap_ci(g["diff"] if len(g) else [])
-                seeds = int(g["seed"].nunique()) if len(g) else 0
-                if seeds < 2:  # pairs from one seed are not replicates: no interval
-                    lo = hi = float("nan")
-                _, spec = _metric_spec("quality", task)
-                count = f"{n} pair{'s' if n != 1 else ''}, {seeds} seed{'s' if seeds != 1 else ''}"
-                text = ("n/a (no paired runs)" if n == 0 else
-                        f"{fmt(m, spec, True)} ({count}: no CI, it needs ≥ 2 seeds)" if seeds < 2 else
-                        f"{fmt(m, spec, True)} (95% CI {fmt(lo, spec, True)} to {fmt(hi, spec, True)}; {count})")
+                m, lo, hi, n, seeds = paired_t(g["diff"], g["seed"]) if len(g) else (math.nan,) * 3 + (0, 0)
+                _, spec = _metric_spec("test_quality", task)
                 if label == "all":
                     numbers[name][task] = {"mean": fmt(m, spec, True), "low": fmt(lo, spec, True),
-                                           "high": fmt(hi, spec, True), "n": n, "seeds": seeds, "text": text}
+                                           "high": fmt(hi, spec, True), "n": n, "seeds": seeds,
+                                           "text": effect_text(m, lo, hi, n, seeds, spec)}
                 if n:
                     ci = f"[{fmt(lo, spec, True)}, {fmt(hi, spec, True)}]" if seeds > 1 else "n/a (1 seed)"
-                    rows.append({"comparison": desc, "task": task, "metric": _metric_spec("quality", task)[0],
+                    rows.append({"comparison": desc, "task": task, "metric": _metric_spec("test_quality", task)[0],
                                  "runs": "pooled" if label == "all" else label, "difference": fmt(m, spec, True),
-                                 "95% CI": ci, "pairs": n, "seeds": seeds})
-    columns = ["comparison", "task", "metric", "runs", "difference", "95% CI", "pairs", "seeds"]
+                                 "95% t-interval": ci, "pairs": n, "seeds": seeds})
+    columns = ["comparison", "task", "metric", "runs", "difference", "95% t-interval", "pairs", "seeds"]
     return pd.DataFrame(rows, columns=columns), numbers
 
 

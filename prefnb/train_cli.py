@@ -3,10 +3,12 @@ and `prefnb params`."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
 from prefnb.config import ParamsError, RunParams, describe_params, load_params, parse_override
+from prefnb.project import outputs_dir
 from prefnb.rundir import clear_finished, mark_finished
 
 
@@ -55,12 +57,21 @@ def sweep_params(files, overrides: list[str], sweeps: list[str], *, profile=None
         if not isinstance(values, list) or not values:
             raise ParamsError(f"--sweep {text!r}: expected a non-empty list of values, e.g. {key}=[0.01, 0.1]")
         axes.append([f"{key}={json.dumps(v)}" for v in values])  # JSON is YAML: the values parse back as given
-    runs = [load_params(files, [*overrides, *combination], profile=profile) for combination in itertools.product(*axes)]
+    runs = [in_project(load_params(files, [*overrides, *combination], profile=profile))
+            for combination in itertools.product(*axes)]
     directories = [params.resolved_output_dir() for params in runs]
     if len(set(directories)) < len(directories):
         raise ParamsError("--sweep: runs would share a run directory (output_dir is set); leave output_dir "
                           "unset so that each run writes outputs/<experiment>/<run id>")
     return runs
+
+
+def in_project(params: RunParams) -> RunParams:
+    """A run without output_dir writes under the outputs/ of the project found from the working
+    directory (as `prefnb study` does), not under ./outputs of wherever the command runs."""
+    if params.output_dir:
+        return params
+    return dataclasses.replace(params, output_dir=str(params.resolved_output_dir(outputs_dir())))
 
 
 def train_and_mark(params: RunParams, *, progress: bool = True) -> dict[str, float]:

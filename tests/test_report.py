@@ -33,6 +33,10 @@ def _write_run(root: Path, seed_rng: random.Random, *, finished: bool = True, la
         metrics.update({"eval/chrf": 20 + 100 * bonus + seed_rng.uniform(-1, 1),
                         "eval/chrf_full": 30 + 100 * bonus + seed_rng.uniform(-1, 1)})
     metrics["eval/implicit_reward_accuracy"] = 0.5 + bonus + seed_rng.uniform(-0.05, 0.05)
+    # the report split: the same runs scored on other examples (a little worse, other noise)
+    for name in [k for k in metrics if k.startswith("eval/")]:
+        scale = 100 if "chrf" in name else 1
+        metrics["test/" + name[5:]] = metrics[name] - scale * (0.01 + seed_rng.uniform(-0.02, 0.02))
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "manifest.json").write_text(json.dumps({"device": "cpu:x86_64 (2 threads)", "code_version": "0.1.0"}))
     if labels:
@@ -82,9 +86,6 @@ def make_fake_outputs(root: Path, seeds=(0, 1)) -> Path:
 
 @pytest.fixture(scope="module")
 def fake_outputs(tmp_path_factory) -> Path:
-    import prefnb.figures
-
-    prefnb.figures.N_BOOT = 100  # fewer bootstrap resamples: same figures, faster test
     return make_fake_outputs(tmp_path_factory.mktemp("study") / "outputs")
 
 
@@ -104,7 +105,9 @@ def test_collect_runs_excludes_unfinished_and_derives_labels(fake_outputs):
     assert {"SFT model", "stronger model"} <= set(r["reference_kind"])
     o = df[(df["experiment"] == "07_sft_objectives") & (df["stage"] == "after DPO")]
     assert set(o["sft_objective"]) == {"kl", "chi2"} and set(o["sft_lr_scale"]) == {"1×", "1/4×"}
-    assert df["quality"].notna().all()
+    assert df["test_quality"].notna().all() and df["eval_quality"].notna().all()
+    para = df[df["task"] == "paraphrase"]
+    assert (para["test_quality"] == para["test/accuracy"]).all() and (para["eval_quality"] == para["eval/accuracy"]).all()
 
 
 def test_build_report_writes_figures_tables_numbers(fake_outputs):
@@ -120,11 +123,12 @@ def test_build_report_writes_figures_tables_numbers(fake_outputs):
     nums = json.loads((report / "numbers.json").read_text())
     assert nums["profile"] == "smoke" and nums["is_smoke"] and nums["seeds"]["n"] == 2
     assert nums["runs"]["total"] == len(list(fake_outputs.glob("*/*/COMPLETE")))
-    assert "95% CI" in nums["effects"]["staged_vs_sft"]["paraphrase"]["text"]  # 2 seeds
+    assert "95% t-interval over seeds" in nums["effects"]["staged_vs_sft"]["paraphrase"]["text"]  # 2 seeds
     assert yaml.safe_load((report / "_variables.yml").read_text()) == nums
     effects = (report / "tables" / "effects.md").read_text()
     assert "staged (SFT→DPO) − SFT" in effects and "LoRA − FFT" in effects
-    assert "±" in (report / "tables" / "01_sft-paraphrase.md").read_text()
+    table = (report / "tables" / "01_sft-paraphrase.md").read_text()
+    assert "±" in table and "accuracy (test)" in table and "(selection)" not in table
     assert "{#fig-methods}" in (report / "sections" / "03_staged.md").read_text()
 
 
@@ -150,3 +154,80 @@ def test_empty_outputs(tmp_path):
     paths = build_report(tmp_path / "outputs")
     assert (tmp_path / "outputs" / "report" / "numbers.json") in paths
     assert json.loads((tmp_path / "outputs" / "report" / "numbers.json").read_text())["runs"]["total"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# selection split vs report split; intervals
+# ---------------------------------------------------------------------------------------
+def _table(rows):
+    import pandas as pd
+
+    from prefnb.report import derive_labels
+
+    return derive_labels(pd.DataFrame(rows))
+
+
+def test_best_cell_is_chosen_on_selection_split_and_quoted_on_report_split():
+    """Cell A wins on eval/ (selection) but loses on test/: the paper must name A and quote
+    A's test/ mean; an argmax on the reported split would pick B and inflate the number."""
+    from prefnb.report import best_cell
+
+    rows = []
+    for seed in (0, 1, 2):
+        rows.append({"experiment": "04_reference_strength", "run_id": f"a{seed}", "task": "paraphrase", "seed": seed,
+                     "objective": "dpo", "beta": 0.1, "eval/accuracy": 0.80, "test/accuracy": 0.60 + 0.01 * seed})
+        rows.append({"experiment": "04_reference_strength", "run_id": f"b{seed}", "task": "paraphrase", "seed": seed,
+                     "objective": "dpo", "beta": 1.0, "eval/accuracy": 0.70, "test/accuracy": 0.90})
+    best = best_cell(_table(rows), ["beta"], ".3f")
+    assert best["cell"] == "0.1" and best["selection"] == "0.800"
+    # mean 0.61, t_{0.975,2} = 4.303, sd = 0.01 → half-width 4.303 * 0.01 / sqrt(3)
+    assert best["value"] == f"0.610 ± {4.303 * 0.01 / 3 ** 0.5:.3f}"
+
+
+def test_effects_are_paired_t_intervals_over_seeds_averaged_within_seed():
+    """Two pairs per seed (FFT and LoRA) pooled: average within the seed, t-interval over seeds."""
+    from prefnb.tables import effects
+
+    diffs = {(0, 0): 0.10, (0, 8): 0.30, (1, 0): 0.00, (1, 8): 0.20, (2, 0): 0.05, (2, 8): 0.15}
+    rows = []
+    for (seed, r), d in diffs.items():
+        base = {"task": "paraphrase", "seed": seed, "lora_r": r, "eval/accuracy": 0.5}
+        rows.append({**base, "experiment": "01_sft", "run_id": f"s{seed}{r}", "objective": "sft", "test/accuracy": 0.5})
+        rows.append({**base, "experiment": "02_dpo", "run_id": f"d{seed}{r}", "objective": "dpo",
+                     "test/accuracy": 0.5 + d})
+    table, nums = effects(_table(rows))
+    per_seed = [0.20, 0.10, 0.10]
+    mean = sum(per_seed) / 3
+    sd = (sum((x - mean) ** 2 for x in per_seed) / 2) ** 0.5
+    half = 4.303 * sd / 3 ** 0.5
+    got = nums["dpo_vs_sft"]["paraphrase"]
+    assert got["n"] == 6 and got["seeds"] == 3
+    assert (got["mean"], got["low"], got["high"]) == (f"{mean:+.3f}", f"{mean - half:+.3f}", f"{mean + half:+.3f}")
+    assert "t-interval over seeds" in got["text"]
+    # one seed: a mean, never an interval
+    _, one = effects(_table([r for r in rows if r["seed"] == 0]))
+    assert one["dpo_vs_sft"]["paraphrase"]["low"] == "n/a" and "no interval" in one["dpo_vs_sft"]["paraphrase"]["text"]
+    assert "n/a (1 seed)" in effects(_table([r for r in rows if r["seed"] == 0]))[0]["95% t-interval"].tolist()
+
+
+def test_figure_error_bars_are_the_tables_t_intervals(tmp_path):
+    """A bar's error bar spans exactly mean ± t·s/√n over seeds (seaborn's default would be a
+    bootstrap CI), after averaging runs that share a seed."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from prefnb.figures import FIGURES
+    from prefnb.tables import mean_ci
+
+    values = {0: 0.50, 1: 0.60, 2: 0.80}
+    rows = [{"experiment": "01_sft", "run_id": f"r{seed}{k}", "task": "paraphrase", "seed": seed, "objective": "sft",
+             "lora_r": 0, "max_steps": 10 + k, "eval/accuracy": 0.5, "test/accuracy": v + (0.05 if k else -0.05),
+             "test/f1": 0.5} for seed, v in values.items() for k in (0, 1)]  # two runs per seed: mean = v
+    df = _table(rows)
+    fig_spec = next(f for f in FIGURES if f.name == "methods")
+    fig = fig_spec.draw(fig_spec.select(df))
+    m, h, _ = mean_ci(list(values.values()))
+    # an error bar with caps is one line: cap, NaN, vertical bar, NaN, cap
+    spans = [(np.nanmin(line.get_ydata()), np.nanmax(line.get_ydata())) for ax in fig.axes for line in ax.lines]
+    assert any(np.allclose(span, (m - h, m + h)) for span in spans), spans
+    plt.close(fig)

@@ -67,6 +67,7 @@ def test_smoke_covers_every_kind(smoke):
     assert len({r.params.learning_rate for r in runs if r.experiment == "07_sft_objectives"
                 and r.params.objective == "sft"}) >= 2  # the SFT learning-rate axis
     assert all(r.params.model == "tiny" for r in runs)
+    assert {r.params.beta for r in runs if r.group == "04_reference_strength/sweep"} == {0.1, 1.0}  # reduced
     _ordered(smoke)
 
 
@@ -74,7 +75,7 @@ def test_gpt2_is_the_full_grid(gpt2):
     runs = gpt2.runs
     per = Counter(r.experiment for r in runs)
     assert per["01_sft"] == 2 * 2 * 3 and per["02_dpo"] == 12 and per["03_staged"] == 12
-    assert per["04_reference_strength"] == 2 * 7 * 4 * 3 + 2
+    assert per["04_reference_strength"] == 2 * 10 * 4 * 3 + 2
     assert per["05_lora_vs_fft"] == 2 * 4 * 3 * 3
     assert per["06_dpo_variants"] == 2 * 7 * 3 * 4 * 3
     assert per["07_sft_objectives"] == 2 * (2 * 5 * 3 * 3)
@@ -82,11 +83,38 @@ def test_gpt2_is_the_full_grid(gpt2):
         seeds = {r.params.seed for r in runs if r.group == group}
         assert len(seeds) >= 3 or group == "04_reference_strength/strong_reference"
     assert {r.params.beta for r in runs if r.group == "04_reference_strength/sweep"} == {
-        0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0}
+        0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0, 10.0, 100.0}  # up to where Liu et al. 2025 found the best
     assert {r.params.lora_r for r in runs if r.experiment == "05_lora_vs_fft"} == {0, 4, 16, 64}
     assert {r.params.model for r in runs} >= {"openai-community/gpt2", "openai-community/gpt2-medium",
                                               "vicgalle/gpt2-alpaca"}
     _ordered(gpt2)
+
+
+def test_train_size_is_not_confounded_with_epochs(gpt2, smoke, tmp_path):
+    """06 scales the step budget with the training fraction (fixed epochs) by default; the
+    fixed-steps design is one key away; a tiny fraction still trains at least one step."""
+    variants = [r for r in gpt2.runs if r.group == "06_dpo_variants/variants"]
+    base = {"paraphrase": 1500, "sonnets": 200}  # the gpt2 profile's max_steps per task
+    for run in variants:
+        p = run.params
+        assert p.max_steps == round(base[p.task] * p.train_size), (p.task, p.train_size, p.max_steps)
+        assert p.warmup_steps == round(50 * p.train_size) and run.labels["train_size_design"] == "fixed_epochs"
+    scenarios = {r.params.train_size: r.params.max_steps for r in smoke.runs
+                 if r.group == "06_dpo_variants/scenarios"}
+    assert scenarios == {0.005: 16, 0.01: 32}  # the smoke group's largest fraction keeps the profile's 32 steps
+
+    experiment = {"v": {"notebook": "fake.ipynb", "groups": {"g": {
+        "train_size_design": "fixed_epochs", "base": {"objective": "dpo", "max_steps": 100, "eval_every": 10},
+        "grid": {"train_size": [0.001, 0.5, 1.0]}}}}}
+    study = expand(_project(tmp_path / "a", experiment), "p")
+    assert [(r.params.max_steps, r.params.eval_every) for r in study.runs] == [(1, 1), (50, 5), (100, 10)]
+    fixed = {"study": {"experiments": {"v": {"g": {"train_size_design": "fixed_steps"}}}}, "model": "tiny"}
+    study = expand(_project(tmp_path / "b", experiment, fixed), "p")
+    assert [r.params.max_steps for r in study.runs] == [100, 100, 100]
+    assert {r.labels["train_size_design"] for r in study.runs} == {"fixed_steps"}
+    experiment["v"]["groups"]["g"]["train_size_design"] = "fixed_epoch"
+    with pytest.raises(ParamsError, match="train_size_design' must be one of fixed_steps, fixed_epochs"):
+        expand(_project(tmp_path / "c", experiment), "p")
 
 
 def test_gpt2_list_is_offline_and_light():
