@@ -178,6 +178,20 @@ def _describe(f: dataclasses.Field) -> str:
     return " ".join(parts)
 
 
+def _yaml_hint(typ: type, value: Any) -> str:
+    """Why a YAML value that parsed may not be what was meant (YAML 1.1, as PyYAML reads it)."""
+    if typ is str and isinstance(value, bool):
+        return " (YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote it, e.g. 'no')"
+    if typ is int and isinstance(value, str):
+        try:
+            return f" (YAML reads {value} as a string; write the integer {int(float(value))})"
+        except ValueError:
+            return ""
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return f" (write the integer {int(value)})"
+    return ""
+
+
 def coerce_value(key: str, value: Any, source: str) -> Any:
     """Check one (key, value) against RunParams; return the value in the field's type."""
     if key not in FIELDS:
@@ -186,7 +200,7 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         raise ParamsError(f"{source}: unknown key '{key}'{hint}; see `prefnb params` for the allowed keys")
     f = FIELDS[key]
     typ, optional = _base_type(key)
-    bad = ParamsError(f"{source}: key '{key}' must be {_describe(f)}, got {value!r}")
+    bad = ParamsError(f"{source}: key '{key}' must be {_describe(f)}, got {value!r}{_yaml_hint(typ, value)}")
     if value is None:
         if optional:
             return None
@@ -233,13 +247,41 @@ def _check_combination(values: Mapping[str, Any], sources: Mapping[str, str]) ->
 # ---------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error
+    (PyYAML silently keeps the last value: `beta: 0.1` ... `beta: 1` would train at 1)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key] + 1} and "
+                                    f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: let PyYAML report it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; errors name the file."""
+    """Read a YAML file that must hold a mapping; errors name the file (and a duplicated key)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except _DuplicateKey as err:
+        raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):

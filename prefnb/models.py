@@ -42,11 +42,18 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def tiny_tokenizer():
+    """The `tiny` preset's byte-level tokenizer (no files)."""
+    from transformers import ByT5Tokenizer
+
+    return _prepare_tokenizer(ByT5Tokenizer())
+
+
 def build_tiny(seed: int):
     """A GPT-2-shaped model from a config and a byte-level tokenizer that needs no files."""
-    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = _prepare_tokenizer(ByT5Tokenizer())
+    tokenizer = tiny_tokenizer()
     # No pad id in the config, as in GPT-2's: with one, transformers reads every batch to warn
     # about unmasked padding (a GPU sync per forward). Generation is given the tokenizer's.
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,

@@ -326,8 +326,24 @@ def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | Non
 # ---------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------
+def require_runs(outputs: Path) -> None:
+    """`paper` and `verify` need finished runs: say so, rather than build or pass a paper of nothing."""
+    from prefnb.rundir import MARKER
+
+    if not outputs.is_dir():
+        raise _user_error(f"no outputs folder at {outputs}: run `prefnb study` first (or pass --outputs DIR)")
+    if not any(p.parent.parent.name != "report" for p in outputs.glob(f"*/*/{MARKER}")):
+        raise _user_error(f"no finished runs under {outputs}: run `prefnb study` first (or pass --outputs DIR)")
+
+
 def _cmd_paper(args: argparse.Namespace) -> int:
-    files = build_paper(args.outputs, args.paper, engine=args.engine, render_output=not args.no_render)
+    from prefnb.preflight import check_writable
+
+    outputs = Path(args.outputs or outputs_dir())
+    require_runs(outputs)
+    check_writable(outputs / "report", "--outputs")
+    check_writable((Path(args.paper) if args.paper else default_paper_dir()) / GENERATED, "--paper")
+    files = build_paper(outputs, args.paper, engine=args.engine, render_output=not args.no_render)
     paper_dir = Path(args.paper) if args.paper else default_paper_dir()
     print(f"paper inputs: {paper_dir / GENERATED}/ and {paper_dir / VARIABLES} "
           f"(from {args.outputs or outputs_dir()}/report/)")
@@ -339,6 +355,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    require_runs(Path(args.outputs or outputs_dir()))
     problems, notes = verify(args.outputs, args.paper), []
     if args.html is not None:
         paper_dir = Path(args.paper) if args.paper else default_paper_dir()

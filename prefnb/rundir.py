@@ -61,7 +61,9 @@ def mark_finished(run_dir: str | Path) -> None:
 
 
 def clear_finished(run_dir: str | Path) -> None:
-    (Path(run_dir) / MARKER).unlink(missing_ok=True)
+    marker = Path(run_dir) / MARKER
+    if marker.is_file():  # (a run_dir under a file is reported by prefnb.preflight, not here)
+        marker.unlink()
 
 
 def now_iso() -> str:

@@ -30,6 +30,7 @@ from prefnb.config import ParamsError
 from prefnb.execute import (acquire_lock, error_line, execute_notebook, execute_run, key_metric, lock_path,
                             release_lock, run_seconds, state)
 from prefnb.grid import Run, Study, expand, run_summary
+from prefnb.preflight import check_writable
 from prefnb.project import find_project
 from prefnb.rundir import is_finished
 
@@ -239,6 +240,7 @@ def cmd_study(args) -> int:
     missing = sorted({str(r.notebook) for r in runs if not r.notebook.is_file()})
     if missing:
         raise ParamsError(f"notebook not found: {missing[0]}")
+    check_writable(study.outputs, "--outputs")
     jobs = args.jobs or study.jobs
     if jobs > 1:  # share the cores between the kernels instead of oversubscribing them
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from prefnb import data as data_lib
-from prefnb import evaluate, losses, models
+from prefnb import evaluate, losses, models, preflight
 from prefnb.config import RunParams, save_params
 from prefnb.logprobs import (collate, collate_pairs, response_token_logps, score_all, score_pairs, sequence_logps,
                              to_device)
@@ -169,6 +169,7 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the run's own progress
     out_dir = params.resolved_output_dir()
     cache_dir = Path(params.cache_dir) if params.cache_dir else out_dir.parent.parent / ".cache"
+    preflight.check(params, out_dir, cache_dir)  # values the data or machine cannot serve: fail before allocating
     try:
         accelerator = Accelerator(mixed_precision=_mixed_precision(params),
                                   gradient_accumulation_steps=params.grad_accum_steps)

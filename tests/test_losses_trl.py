@@ -6,7 +6,8 @@ stand-in model whose per-token log-probs we choose, so that TRL and prefnb see e
 same numbers. Everything is float64 and compared to 1e-6 (absolute and relative), except
 where TRL itself computes in float32 (ORPO), which is stated where it happens.
 
-Written against TRL 1.16: DPO (``DPOTrainer._compute_loss``, losses inline), KTO
+Written against TRL 1.16.0, the version the `dev` extra of pyproject.toml pins (a test below
+fails when another TRL is installed: these tests read TRL's internals, which move): DPO (``DPOTrainer._compute_loss``, losses inline), KTO
 (``KTOTrainer._compute_loss``), and ``trl.experimental`` CPO/SimPO and ORPO.
 """
 
@@ -24,6 +25,19 @@ from prefnb.losses import preference_loss
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 trl = pytest.importorskip("trl")
+
+
+def test_trl_is_the_version_these_tests_were_written_against():
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()  # no tomllib on 3.10
+    pins = re.findall(r'^\s*"(trl[^"]*)"', pyproject, re.M)
+    pinned = re.fullmatch(r"trl==([\w.]+)", pins[0]) if len(pins) == 1 else None
+    assert pinned, f"pyproject's dev extra must pin TRL exactly once (trl==X.Y.Z), got {pins}"
+    assert trl.__version__ == pinned.group(1), (
+        f"TRL {trl.__version__} is installed, but these parity tests read TRL {pinned.group(1)}'s code: "
+        f"`pip install -e .[dev]` (or update the tests and the pin together)")
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 CPU = torch.device("cpu")

@@ -199,11 +199,21 @@ def test_reference_free_objectives_train(tmp_path, objective):
     assert metrics["train/loss"] is not None and metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN
 
 
-@pytest.mark.parametrize("reference", ["none", "prior"])
-def test_reference_free_and_prior_references(tmp_path, reference):
-    metrics = train_mod.train(make_params(tmp_path, reference, objective="dpo", reference=reference, max_steps=2),
-                              progress=False)
-    assert 0.0 <= metrics["eval/implicit_reward_accuracy"] <= 1.0
+def test_reference_kind_changes_the_implicit_reward(tmp_path):
+    """The first step's implicit rewards β·log(π/π_ref), before any update: 0 with the policy as
+    reference (π = π_ref), β·log π(y|x) with none, β·log(π(y|x)/π(y)) with the prior — three
+    different numbers, so `reference: prior` is not silently the policy (or none)."""
+    first = {}
+    for reference in ("policy", "none", "prior"):
+        params = make_params(tmp_path, reference, objective="dpo", reference=reference, max_steps=1, log_every=1)
+        metrics = train_mod.train(params, progress=False)
+        out = Path(params.output_dir)
+        first[reference] = (history(out, "rewards/chosen")[0], history(out, "rewards/rejected")[0])
+        assert any(0.0 <= v <= 1.0 for k, v in metrics.items() if k.endswith("/implicit_reward_accuracy"))
+    assert first["policy"] == pytest.approx((0.0, 0.0), abs=1e-6)
+    for kind in ("none", "prior"):
+        assert min(abs(v) for v in first[kind]) > 1e-3, first
+    assert first["prior"] != pytest.approx(first["none"], abs=1e-3), first
 
 
 def test_reference_with_another_tokenizer_is_refused(tmp_path):
@@ -243,6 +253,8 @@ def test_cli_train_marks_finished_and_typos_fail_in_one_line(tmp_path, capsys):
 
 
 def test_cli_sweep_trains_every_combination_in_one_process_as_runs_alone(tmp_path, monkeypatch, capsys):
+    for folder in ("params", "notebooks"):  # a project (prefnb.project): its outputs/ hold the sweep's runs
+        (tmp_path / folder).mkdir()
     monkeypatch.chdir(tmp_path)  # sweep runs write outputs/<experiment>/<run id>
     base = [*sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []), "--set", "max_steps=2",
             "--set", "objective=dpo", "--set", f"cache_dir={tmp_path}/c"]

@@ -1,0 +1,153 @@
+"""Checks that run before a run allocates anything: values the data or the machine cannot serve.
+
+:func:`check` is called once at the top of :func:`prefnb.train.train`, before accelerate,
+the models and the run directory exist. Each failure is a :class:`PreflightError` (a
+:class:`~prefnb.config.ParamsError`: the CLI prints it as one line and exits 2) that names
+the key, the value and what would work, so a bad run never gets as far as a killed process,
+a half-written run directory or an hour of sampling before a mismatch is noticed.
+
+What is checked (everything cheap: configs and tokenizers are read, no weights):
+- the run directory and the cache can be written (a probe file, so root and read-only
+  mounts are caught too);
+- ``precision: bf16`` on a GPU that has no bf16;
+- the data loads (its own errors name file and row) and the training split holds at least
+  one optimizer step's batch;
+- ``max_length`` and ``max_new_tokens`` fit in the starting model's positions;
+- a separate ``reference`` model (hub id, model or run directory) has the policy's tokenizer;
+- ``init_from`` is a finished run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from prefnb.config import REFERENCE_KINDS, ParamsError, RunParams
+
+
+class PreflightError(ParamsError):
+    """A value the data or the machine cannot serve; one line naming the key."""
+
+
+def check(params: RunParams, out_dir: Path, cache_dir: Path) -> None:
+    """Raise PreflightError (or the loaders' DataError / ModelLoadError) before any work."""
+    check_writable(out_dir, "output_dir")
+    check_writable(cache_dir, "cache_dir")
+    check_precision(params)
+    check_batch(params)
+    check_model(params)
+
+
+# ---------------------------------------------------------------------------------------
+# paths
+# ---------------------------------------------------------------------------------------
+def check_writable(path: Path, key: str) -> None:
+    """``path`` is (or can be made as) a folder we can write in: probe its nearest existing folder."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(f"{key} '{path}': {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prefnb-write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PreflightError(f"{key} '{path}': cannot write in {existing} ({err.strerror or err}); choose a "
+                             "writable folder") from None
+
+
+# ---------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------
+def check_precision(params: RunParams) -> None:
+    import torch
+
+    if params.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise PreflightError(f"precision 'bf16': {torch.cuda.get_device_name()} has no bfloat16 support; use "
+                             "precision 'fp32' (or 'auto', which picks bf16 only where it is supported)")
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+def check_batch(params: RunParams) -> None:
+    """The training split must fill one optimizer step without repeating an example in it."""
+    from prefnb.data import load_task  # the per-process parse cache makes train()'s own load free
+
+    task = load_task(params)
+    n_train = len(task.train_pairs if params.is_preference and task.train_pairs is not None else task.train_sft)
+    per_step = params.batch_size * params.grad_accum_steps
+    if n_train < per_step:
+        raise PreflightError(f"batch_size {params.batch_size} x grad_accum_steps {params.grad_accum_steps} = "
+                             f"{per_step} examples per step, but the {params.task} training split has {n_train} "
+                             f"(train_size {params.train_size:g}, max_train_examples {params.max_train_examples}); "
+                             "lower batch_size or use more data")
+
+
+# ---------------------------------------------------------------------------------------
+# models: configs and tokenizers only
+# ---------------------------------------------------------------------------------------
+def _config(source: str):
+    """The model config of a model name, hub id, model directory or run directory (None: unknown
+    here, e.g. a hub id offline; the model loader then says what is wrong)."""
+    from prefnb import models
+
+    if source == models.TINY:
+        return dict(models.TINY_CONFIG)
+    if models.holds_checkpoint(source):
+        import json
+
+        ckpt = models.checkpoint_dir(source)
+        record = json.loads((ckpt / models.CHECKPOINT_RECORD).read_text())
+        if record["kind"] != "full":  # a LoRA adapter: the base's config
+            return _config(record["base_init_from"] or record["base_model"])
+        source = str(ckpt)
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source).to_dict()
+    except (OSError, ValueError):
+        return None
+
+
+def _positions(config: dict | None) -> int | None:
+    if not config:
+        return None
+    return config.get("n_positions") or config.get("max_position_embeddings")
+
+
+def _tokenizer(source: str):
+    from prefnb import models
+
+    if source == models.TINY:
+        return models.tiny_tokenizer()
+    try:
+        from transformers import AutoTokenizer
+
+        where = models.checkpoint_dir(source) if models.holds_checkpoint(source) else source
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError):
+        return None
+
+
+def check_model(params: RunParams) -> None:
+    from prefnb import models
+
+    if params.init_from:
+        models.checkpoint_dir(params.init_from)  # a clear error when it is not a finished run
+    start = params.init_from or params.model
+    positions = _positions(_config(start))
+    if positions is not None:
+        if params.max_length > positions:
+            raise PreflightError(f"max_length {params.max_length} exceeds the {positions} positions of model "
+                                 f"'{start}'; set max_length <= {positions}")
+        if params.task == "sonnets" and params.max_new_tokens >= positions:
+            raise PreflightError(f"max_new_tokens {params.max_new_tokens} leaves no room for the prompt in the "
+                                 f"{positions} positions of model '{start}'")
+    if params.is_preference and params.reference not in REFERENCE_KINDS:
+        policy_tok, ref_tok = _tokenizer(start), _tokenizer(params.reference)
+        if policy_tok is not None and ref_tok is not None:
+            models.check_same_tokenizer(policy_tok, ref_tok, params.reference)
