@@ -4,8 +4,8 @@ all cells in a browser; nbdime shows a notebook's git diff cell by cell.
 
 The browser test (marker ``browser``) drives Debian's Chromium through Playwright for Python,
 with no browser download. It is skipped where either is missing, except where
-``PREFNB_REQUIRE_BROWSER=1`` (set by .ci/run) makes that a failure. It works on a temporary
-copy of ``notebooks/``, so what a run by hand writes (``notebooks/outputs/`` beside the
+``PREFNB_REQUIRE_BROWSER=1`` (set by .ci/run) makes that a failure. It works in a temporary
+copy of the project, so what a run by hand writes (``notebooks/outputs/`` beside the
 notebook, and the notebook saved with its outputs) never lands in the checkout. Its screenshot,
 ``jupyterlab.png`` in the test's tmp folder, is saved whether the test passes or fails.
 """
@@ -100,10 +100,12 @@ def _wait_for_server(process: subprocess.Popen, runtime_dir: Path, token: str, l
 
 @pytest.fixture
 def jupyterlab(tmp_path):
-    """`jupyter lab notebooks/` (this environment's) on a temporary copy of notebooks/, on a free
-    loopback port with a token. Yields (base url, token, the copy, the server process)."""
+    """`jupyter lab notebooks/` (this environment's) in a temporary copy of the project (notebooks/
+    and params/, what makes a folder a project), on a free loopback port with a token.
+    Yields (base url, token, the copied notebooks/, the server process)."""
     project = tmp_path / "project"
-    shutil.copytree(ROOT / "notebooks", project / "notebooks")
+    for folder in ("notebooks", "params"):
+        shutil.copytree(ROOT / folder, project / folder)
     env = isolated_jupyter_env(tmp_path)
     # The one-time "get notified about Jupyter news?" prompt would sit over the notebook
     labconfig = Path(env["JUPYTER_CONFIG_DIR"]) / "labconfig"
