@@ -29,7 +29,8 @@ def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: in
     """Score " yes" and " no" as continuations of each cloze prompt; predict the likelier one.
 
     Each answer's score is the summed log-prob of its continuation tokens, so this works
-    for any tokenizer, also when an answer is several tokens (byte-level: 4 and 3).
+    for any tokenizer, also when an answer is several tokens (byte-level: 4 and 3). A tie
+    (equal scores) predicts "no", the negative class, and counts so in accuracy and F1.
     """
     items = []
     for row in rows:
@@ -37,7 +38,7 @@ def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: in
             items.append(encode(tokenizer, row["prompt"], answer, max_length=max_length, add_eos=False))
     scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device)
     yes, no = scores[0::2], scores[1::2]
-    predictions = (yes > no).long().tolist()
+    predictions = (yes > no).long().tolist()  # a tie (yes == no) predicts "no": it takes evidence to say yes
     labels = [int(row["label"]) for row in rows]
     accuracy = sum(p == y for p, y in zip(predictions, labels)) / len(labels)
     return {f"{split}/accuracy": accuracy, f"{split}/f1": binary_f1(predictions, labels)}
@@ -92,6 +93,7 @@ def sonnet_metrics(continuations: Sequence[str], rows: Sequence[dict], split: st
 
 
 def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> float:
-    """Share of pairs whose implicit reward log π/π_ref ranks chosen above rejected (β-free)."""
+    """Share of pairs whose implicit reward log π/π_ref ranks chosen above rejected (β-free);
+    a tie (margin exactly 0, e.g. a policy still equal to its reference) counts as not ranked."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return float((margin > 0).float().mean()) if margin.numel() else float("nan")
