@@ -58,7 +58,7 @@ def _ci(data: pd.DataFrame) -> dict:
 def _seed_means(data: pd.DataFrame, keys: list[str], value: str = "value") -> pd.DataFrame:
     """One row per (cell, seed): runs of one cell that share a seed are not replicates, so
     they are averaged before the interval over seeds (as :func:`prefnb.tables.paired_t` does)."""
-    return data.groupby([*keys, "seed"], as_index=False, dropna=False, observed=True)[value].mean()
+    return data.groupby([*keys, "seed"], as_index=False, dropna=False, observed=True, sort=False)[value].mean()
 
 
 def _of(df: pd.DataFrame, *experiments: str) -> pd.DataFrame:

@@ -207,6 +207,9 @@ def best_cell(df: pd.DataFrame, by: list[str], spec: str) -> dict[str, str]:
     chosen = np.logical_and.reduce([df[col] == k for col, k in zip(by, key)])
     test = df.loc[chosen, "test_quality"]
     label = ", ".join(str(k) for k in key)
+    ties = int((means == means.max()).sum()) - 1  # an argmax among equals names one of them: say so
+    if ties:
+        label += f" (tied on the selection split with {ties} other cell{'s' if ties > 1 else ''})"
     return {"cell": label, "value": cell(test, spec) or "n/a", "selection": fmt(float(means.max()), spec)}
 
 

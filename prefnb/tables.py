@@ -235,7 +235,8 @@ def effects(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 SETTINGS = [("model", "model"), ("max_steps", "steps"), ("batch_size", "batch"), ("learning_rate", "learning rate"),
             ("lora_r", "LoRA r"), ("lora_alpha", "LoRA α"), ("beta", "β"), ("train_size", "train fraction"),
-            ("max_train_examples", "max train examples"), ("max_eval_examples", "max eval examples"),
+            ("max_train_examples", "max train examples"), ("max_eval_examples", "max selection examples"),
+            ("max_test_examples", "max test examples"),
             ("seed", "seeds")]
 
 
