@@ -22,6 +22,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
+from prefnb import objectives
+
 TASKS = ("paraphrase", "sonnets", "jsonl")
 SFT_LOSSES = ("kl", "tv", "chi2", "hellinger", "js")
 # Kept in sync with prefnb.losses.PREFERENCE_LOSSES (a test checks it); duplicated here
@@ -64,7 +66,10 @@ class RunParams:
     model: str = _spec("tiny", "'tiny' (built from a config, no files), a hub id, or a local directory")
     init_from: Optional[str] = _spec(None, "run directory (or checkpoint) of an earlier run to start from")
     lora_r: int = _spec(0, "LoRA rank; 0 = full fine-tuning", min=0)
-    lora_alpha: float = _spec(16.0, "LoRA scaling numerator (scale = alpha / r)", min=0.0, min_exclusive=True)
+    # α = 2r keeps the adapter's scale α/r = 2 at every rank, so a rank sweep compares ranks,
+    # not step sizes (with a fixed α, r = 64 would update 16x more weakly than r = 4).
+    lora_alpha: Optional[float] = _spec(None, "LoRA scaling numerator (scale = alpha / r); null = 2r", min=0.0,
+                                        min_exclusive=True)
     lora_dropout: float = _spec(0.05, "dropout on the LoRA branch", min=0.0, max=0.99)
     lora_target_modules: str = _spec("auto", "comma-separated module names, or 'auto' (attention + MLP)")
     # --- objective ----------------------------------------------------------------------
@@ -73,10 +78,19 @@ class RunParams:
     reference: str = _spec(
         "policy", "'policy' (frozen starting policy), 'none' (probability reward), 'prior' (p(y) without "
         "the prompt), or a hub id / local directory", choices=REFERENCE_KINDS, open_choices=True)
-    beta: float = _spec(0.1, "inverse temperature of the implicit reward", min=0.0, min_exclusive=True)
-    label_smoothing: float = _spec(0.1, "cdpo/robust only: assumed preference-label noise", min=0.0, max=0.499)
-    simpo_gamma: float = _spec(0.5, "simpo: target reward margin", min=0.0)
-    cpo_alpha: float = _spec(1.0, "cpo: weight of the NLL term on chosen", min=0.0)
+    # β and the loss options: null = the objective's documented default (prefnb/objectives.py,
+    # with sources), filled in when the parameters are resolved.
+    beta: Optional[float] = _spec(None, "inverse temperature of the implicit reward (IPO: τ; ORPO: λ); null = the "
+                                  "objective's default", min=0.0, min_exclusive=True)
+    label_smoothing: Optional[float] = _spec(None, "cdpo/robust: assumed preference-label flip rate ε", min=0.0,
+                                             max=0.499)
+    simpo_gamma: Optional[float] = _spec(None, "simpo: target reward margin γ (absolute, as TRL's)", min=0.0)
+    cpo_alpha: Optional[float] = _spec(None, "cpo: weight of the NLL term on chosen", min=0.0)
+    desirable_weight: Optional[float] = _spec(None, "kto: λ_D, weight of the desirable (chosen) losses", min=0.0)
+    undesirable_weight: Optional[float] = _spec(None, "kto: λ_U, weight of the undesirable (rejected) losses", min=0.0)
+    kto_reference_point: str = _spec(
+        "mismatched", "kto: estimate z₀ from mismatched pairs of the batch (x_i with y_{i-1}, as TRL and the "
+        "authors) or from the batch's own pairs", choices=("mismatched", "batch"))
     # --- optimisation -------------------------------------------------------------------
     learning_rate: float = _spec(5e-5, "AdamW peak learning rate", min=0.0, min_exclusive=True)
     lr_schedule: str = _spec("linear", "decay after warmup", choices=("linear", "cosine", "constant"))
@@ -103,12 +117,23 @@ class RunParams:
     cache_dir: Optional[str] = _spec(None, "reference log-prob / sample cache (default: outputs/.cache)")
 
     # ------------------------------------------------------------------------------------
+    def __post_init__(self):
+        for name in ("beta", *objectives.option_names(self.objective)):  # null: the objective's default
+            if getattr(self, name) is None:
+                setattr(self, name, objectives.default(self.objective, name))
+        if self.lora_alpha is None and self.lora_r > 0:
+            self.lora_alpha = 2.0 * self.lora_r
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def is_preference(self) -> bool:
         return self.objective != "sft"
+
+    def loss_options(self) -> dict[str, float]:
+        """The options of this run's preference loss, by the loss's keyword names."""
+        return {name: getattr(self, name) for name in objectives.option_names(self.objective)}
 
     @property
     def uses_lora(self) -> bool:

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from prefnb import objectives
+
 Tensor = torch.Tensor
 
 # ---------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def dpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
 
 
-def cdpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, label_smoothing=0.1):
+def cdpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, label_smoothing):
     """Conservative DPO (Mitchell 2023): labels flipped with probability ε.
 
     −(1−ε) log σ(β h) − ε log σ(−β h): a biased but bounded-gradient estimate.
@@ -147,7 +149,7 @@ def cdpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, la
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
 
 
-def robust(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, label_smoothing=0.1):
+def robust(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, label_smoothing):
     """Robust DPO (Chowdhury et al. 2024, Eq. 8): the unbiased de-noised loss for flip rate ε.
 
     [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε).
@@ -175,7 +177,7 @@ def hinge(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
 
 
-def simpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, simpo_gamma=0.5):
+def simpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, simpo_gamma):
     """SimPO (Meng et al. 2024, Eq. 6): −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ).
 
     Reference-free: the reward is the length-normalised policy log-prob; rc, rr are ignored.
@@ -186,7 +188,7 @@ def simpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, s
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-def cpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, cpo_alpha=1.0):
+def cpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, cpo_alpha):
     """CPO (Xu et al. 2024, Eq. 3 + the NLL regulariser of Eq. 4), reference-free.
 
     −log σ(β[log π(y_w) − log π(y_l)]) + α · NLL(y_w), NLL per token of the chosen response.
@@ -222,15 +224,16 @@ def orpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
 
 
 def kto(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, kl=None,
-        desirable_weight=1.0, undesirable_weight=1.0):
+        desirable_weight, undesirable_weight):
     """KTO (Ethayarajh et al. 2024, Eq. 7) on paired data: y_w desirable, y_l undesirable.
 
     L = ½[λ_D (1 − σ(β(r_w − z₀))) + λ_U (1 − σ(β(z₀ − r_l)))], r = log π − log π_ref.
-    z₀ ≈ KL(π ‖ π_ref) is not back-propagated through. Pass ``kl`` (a scalar) to fix it;
-    by default it is the batch mean of all 2B log-ratios, clamped at 0 — the in-batch
-    estimate, since paired data gives no mismatched completions to estimate it with.
-    The ½ makes the mean over pairs equal TRL's mean over its 2B unpaired examples. A
-    ``kl`` passed in is used as given; TRL clamps its (mismatched-pair) estimate at 0 first.
+    z₀ ≈ KL(π ‖ π_ref) is not back-propagated through. Pass ``kl`` (a scalar): the authors'
+    estimate is :func:`kto_reference_point` of mismatched pairs (what training does by
+    default, ``kto_reference_point: mismatched``). Without it, z₀ is the in-batch estimate:
+    the batch mean of all 2B matched log-ratios, clamped at 0 (``kto_reference_point: batch``).
+    The ½ makes the mean over pairs equal TRL's mean over its 2B unpaired examples. A ``kl``
+    passed in is used as given.
     """
     chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
     if kl is None:
@@ -240,6 +243,13 @@ def kto(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, kl=
     rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_lr))
     losses = 0.5 * (desirable_weight * chosen_losses + undesirable_weight * rejected_losses)
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
+
+
+def kto_reference_point(mismatched_policy_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
+    """KTO's z₀ as its authors estimate it (Ethayarajh et al. 2024, §4; HALOs; TRL's KTOTrainer):
+    the mean log-ratio log π(y'|x) − log π_ref(y'|x) over mismatched pairs (x_i with the batch's
+    y_{i−1}), clamped at 0, with no gradient. Shapes: [M] each → a scalar."""
+    return (mismatched_policy_logps - mismatched_ref_logps).mean().clamp(min=0).detach()
 
 
 PREFERENCE_LOSSES: dict[str, Callable] = {
@@ -258,12 +268,15 @@ REFERENCE_FREE = frozenset({"simpo", "cpo", "orpo"})
 
 
 def loss_options(kind: str) -> tuple[str, ...]:
-    """Names of the extra keyword options a preference loss accepts (e.g. label_smoothing)."""
+    """Names of the extra keyword options a preference loss accepts (e.g. label_smoothing);
+    their defaults, with sources, are in `prefnb.objectives` (and every one is a RunParams key)."""
     params = inspect.signature(_preference_fn(kind)).parameters
     return tuple(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _COMMON)
 
 
-_COMMON = frozenset({"beta", "chosen_lengths", "rejected_lengths"})
+# Not options: β is every loss's; the lengths come with the batch; KTO's kl is computed per
+# batch (kto_reference_point), not set.
+_COMMON = frozenset({"beta", "chosen_lengths", "rejected_lengths", "kl"})
 
 
 def _preference_fn(kind: str) -> Callable:
@@ -285,10 +298,12 @@ def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen
             "likelihood reward with the prior" — see DESIGN.md contract 1).
         beta: inverse temperature β (> 0).
         chosen_lengths, rejected_lengths: [B] response token counts (length-normalised kinds).
-        options: kind-specific options, see ``loss_options(kind)``.
+        options: kind-specific options, see ``loss_options(kind)``; those not given take the
+            documented defaults of `prefnb.objectives`.
     Returns:
         (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are detached.
     """
     fn = _preference_fn(kind)
+    options = {**{name: objectives.default(kind, name) for name in objectives.option_names(kind)}, **options}
     return fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
               beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)

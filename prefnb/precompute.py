@@ -1,5 +1,6 @@
 """What runs once before training, computed once and cached: each example's tokens
-(`Encoders`), the reference log-probs, and on-policy rejected samples.
+(`Encoders`), the reference log-probs (of the held-out pairs, and of every training batch
+exactly as the loop will score it), and on-policy rejected samples.
 
 Cached on disk by what they depend on, not by run (contract 6 of DESIGN.md), so a β sweep or
 the seven variants compute them once; tokens are kept per process, so the runs of an
@@ -18,7 +19,7 @@ from prefnb import data as data_lib
 from prefnb import evaluate, models
 from prefnb.cache import cache_key, cached
 from prefnb.config import RunParams
-from prefnb.logprobs import Encoded, encode, score_pairs, start_token_id
+from prefnb.logprobs import Encoded, collate_pairs, encode, score_pairs, sequence_logps, start_token_id, to_device
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +76,35 @@ class Encoders:
 _SHARED_ENCODERS: dict[tuple, Encoders] = {}
 
 
+def _reference(params: RunParams, start_model, tokenizer, start_identity: str, device):
+    """(identity for cache keys, a loader of the reference model) for ``params.reference``:
+    policy and prior: the starting policy; anything else: that model (tokenizer checked)."""
+    kind = params.reference
+    if kind in ("policy", "prior"):
+        return start_identity, lambda: start_model
+    return (models.weights_identity(kind, params.seed),
+            lambda: models.load_reference_model(kind, tokenizer, params.seed).to(device))
+
+
 def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoders, rows, *, split: str,
                     cache_dir: Path, start_identity: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_ref(chosen), log π_ref(rejected) for every pair in ``rows``: [N] each, on CPU.
 
-    reference = policy: the starting policy; none: zeros (probability reward); prior: the
-    starting policy scoring the response after a lone start token, i.e. log p(y); anything
-    else: that model (tokenizer checked).
+    For the held-out splits, scored (like the policy there) in full precision. reference =
+    policy: the starting policy; none: zeros (probability reward); prior: the starting policy
+    scoring the response after a lone start token, i.e. log p(y); anything else: that model.
     """
     kind = params.reference
     if kind == "none" or not rows:
         zeros = torch.zeros(len(rows))
         return zeros, zeros.clone()
-    separate = kind not in ("policy", "prior")
-    identity = models.weights_identity(kind, params.seed) if separate else start_identity
+    identity, load = _reference(params, start_model, tokenizer, start_identity, device)
     key = cache_key(reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
                     tokenizer=encoders.fingerprint, max_length=params.max_length,
                     add_eos=encoders.add_eos)
 
     def compute():
-        ref_model = models.load_reference_model(kind, tokenizer, params.seed).to(device) if separate else start_model
+        ref_model = load()
         chosen, rejected = encoders.pairs(rows, prior=kind == "prior")
         scores = score_pairs(ref_model, chosen, rejected, pad_id=tokenizer.pad_token_id,
                              batch_size=params.eval_batch_size, device=device)
@@ -103,6 +113,75 @@ def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoder
     value, hit = cached(cache_dir, "reference_logps", key, compute)
     log.info("reference log-probs (%s, %s split, %d pairs): %s", kind, split, len(rows), "cache hit" if hit else "computed")
     return value["chosen"], value["rejected"]
+
+
+def mismatched(batch: list[int]) -> list[int]:
+    """For each position i of a micro-batch, the example whose responses x_i is paired with to
+    estimate KTO's reference point: the previous one, cyclically (y_{i−1}; TRL's KTOTrainer rolls
+    the batch's completions by one the same way). The mismatched responses are the batch's own
+    set, each after another prompt, as the KTO authors recommend (HALOs; TRL's KTOTrainer)."""
+    return batch[-1:] + batch[:-1]
+
+
+def batch_encodings(encoders: Encoders, rows, batch: list[int], *, prior: bool = False, kl: bool = False):
+    """(chosen, rejected) encodings of one micro-batch of pair indices; ``kl``: the mismatched
+    pairs (x_i, y_{i−1}) instead (:func:`mismatched`); ``prior``: the response after a start token."""
+    responses = mismatched(batch) if kl else batch
+    chosen = [encoders.one(rows[i]["prompt"], rows[j]["chosen"], prior=prior) for i, j in zip(batch, responses)]
+    rejected = [encoders.one(rows[i]["prompt"], rows[j]["rejected"], prior=prior) for i, j in zip(batch, responses)]
+    return chosen, rejected
+
+
+def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoders, rows, batches: list[list[int]],
+                          *, hidden_size, autocast, mixed_precision: str, with_mismatched: bool, cache_dir: Path,
+                          start_identity: str, device) -> dict[str, torch.Tensor]:
+    """The reference log-probs of every training micro-batch, scored exactly as the loop scores
+    the policy: the same batches, the same row layout (shared-prompt or two rows, decided per
+    batch by ``collate_pairs``), under the same ``autocast`` context. Rounding then matches
+    bit for bit, so at step 0 (policy = reference) every log-ratio is 0 and the DPO loss is
+    ln 2 whatever the precision; the held-out rows' reference (:func:`reference_logps`) would
+    differ from a bf16 policy by batch-shape- and precision-dependent rounding.
+
+    Costs one no-grad forward per training pair per step (not per example), done once and
+    cached: the micro-batches are a pure function of the seed (``prefnb.schedule``), so every
+    run with the same reference, data, batches and precision (a β sweep, the variants) shares it.
+
+    Returns {"chosen", "rejected"}: [M, B] for M micro-batches of B pairs, on CPU; with
+    ``with_mismatched`` (KTO's reference point) also "kl_chosen", "kl_rejected" [M, B], the
+    reference log-probs of the mismatched pairs (:func:`batch_encodings` with kl=True).
+    """
+    kind = params.reference
+    shape = (len(batches), len(batches[0]) if batches else 0)
+    if kind == "none":
+        zeros = torch.zeros(shape)
+        return {name: zeros for name in ("chosen", "rejected", "kl_chosen", "kl_rejected")}
+    identity, load = _reference(params, start_model, tokenizer, start_identity, device)
+    key = cache_key(version=1, reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
+                    tokenizer=encoders.fingerprint, max_length=params.max_length, add_eos=encoders.add_eos,
+                    batches=data_lib.dataset_hash(batches), hidden_size=hidden_size, mixed_precision=mixed_precision,
+                    device=torch.device(device).type, with_mismatched=with_mismatched)
+
+    @torch.no_grad()
+    def compute():
+        ref_model = load()
+        was_training = ref_model.training
+        ref_model.eval()
+        out = {name: torch.empty(shape) for name in ("chosen", "rejected", "kl_chosen", "kl_rejected")}
+        for m, batch in enumerate(batches):
+            for prefix, kl in (("", False), ("kl_", True)) if with_mismatched else (("", False),):
+                chosen, rejected = batch_encodings(encoders, rows, batch, prior=kind == "prior", kl=kl)
+                collated = to_device(collate_pairs(chosen, rejected, tokenizer.pad_token_id, hidden_size=hidden_size),
+                                     device)
+                with autocast():
+                    logps, _ = sequence_logps(ref_model, collated)
+                out[prefix + "chosen"][m], out[prefix + "rejected"][m] = logps.float().cpu().chunk(2)
+        ref_model.train(was_training)
+        return out
+
+    value, hit = cached(cache_dir, "batch_reference_logps", key, compute)
+    log.info("reference log-probs (%s, %d training micro-batches): %s", kind, len(batches),
+             "cache hit" if hit else "computed")
+    return value
 
 
 def sampled_rejections(params: RunParams, start_model, tokenizer, rows, *, cache_dir: Path, start_identity: str,

@@ -30,7 +30,8 @@ from prefnb.config import RunParams, save_params
 from prefnb.logprobs import (collate, collate_pairs, response_token_logps, score_all, score_pairs, sequence_logps,
                              to_device)
 from prefnb.manifest import write_manifest
-from prefnb.precompute import ADD_EOS, Encoders, reference_logps, sampled_rejections
+from prefnb.precompute import (ADD_EOS, Encoders, batch_encodings, batch_reference_logps, reference_logps,
+                               sampled_rejections)
 from prefnb.rundir import atomic_write_json, now_iso
 from prefnb.schedule import batch_indices, lr_scheduler
 from prefnb.timing import StepClock, peak_memory_bytes, process_peak_rss_bytes, reset_peak_memory, synchronize
@@ -56,13 +57,23 @@ def sft_step(model, batch, params: RunParams):
     return loss, {"loss": loss.detach(), "mean_token_logp": token_logps.detach().mean()}
 
 
-def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected):
+def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected, mismatched=None):
     """Chosen and rejected in one forward: [chosen; rejected] rows, or one row per pair with
-    the prompt shared (`prefnb.logprobs.collate_pairs`)."""
+    the prompt shared (`prefnb.logprobs.collate_pairs`).
+
+    ``mismatched`` (KTO): the batch's prompts paired with the previous pair's responses
+    (`prefnb.precompute.batch_encodings`), with their ``reference_logps`` [2, B]; their
+    policy log-probs, without gradient, give KTO's reference point z₀
+    (`losses.kto_reference_point`), estimated on each process's own micro-batch.
+    """
     logps, lengths = sequence_logps(model, batch)
     pc, pr = logps.chunk(2)
     lc, lr = lengths.chunk(2)
-    options = {name: getattr(params, name) for name in losses.loss_options(params.objective) if hasattr(params, name)}
+    options = params.loss_options()
+    if mismatched is not None:
+        with torch.no_grad():
+            kl_logps, _ = sequence_logps(model, mismatched)
+        options["kl"] = losses.kto_reference_point(kl_logps, mismatched["reference_logps"].reshape(-1))
     per_pair, chosen_rewards, rejected_rewards = losses.preference_loss(
         params.objective, pc, pr, ref_chosen, ref_rejected, beta=params.beta,
         chosen_lengths=lc, rejected_lengths=lr, **options)
@@ -207,15 +218,27 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     else:
         train_rows = task.train_sft
 
+    # --- the micro-batches, fixed in advance: a pure function of (step, seed, rank) --------
+    n_train = len(train_rows)
+    micro_batches = [batch_indices(m, n=n_train, batch_size=params.batch_size, seed=params.seed,
+                                   rank=accelerator.process_index, world=accelerator.num_processes)
+                     for m in range(params.max_steps * params.grad_accum_steps)]
+    hidden_size = getattr(start_model.config, "hidden_size", None)  # decides shared-prompt pair rows
+
     # --- reference log-probs: once, before training, so no reference forward runs in the loop
     ref_started = time.perf_counter()
     reference_free = params.objective in losses.REFERENCE_FREE
+    kto_mismatched = params.objective == "kto" and params.kto_reference_point == "mismatched"
     with accelerator.main_process_first():
         if params.is_preference and not reference_free:
-            train_ref = reference_logps(params, start_model, tokenizer, encoders, train_rows, split="train",
-                                        cache_dir=cache_dir, start_identity=start_identity, device=device)
+            train_ref = batch_reference_logps(params, start_model, tokenizer, encoders, train_rows, micro_batches,
+                                              hidden_size=hidden_size, autocast=accelerator.autocast,
+                                              mixed_precision=accelerator.mixed_precision,
+                                              with_mismatched=kto_mismatched, cache_dir=cache_dir,
+                                              start_identity=start_identity, device=device)
         elif params.is_preference:  # simpo/cpo/orpo ignore these: no reference forward at all
-            train_ref = (torch.zeros(len(train_rows)), torch.zeros(len(train_rows)))
+            train_ref = {"chosen": torch.zeros(len(micro_batches), params.batch_size)}
+            train_ref["rejected"] = train_ref["chosen"]
         selection, report = (
             HeldOut(name, rows, pairs, reference_logps(params, start_model, tokenizer, encoders, pairs, split=name,
                                                        cache_dir=cache_dir, start_identity=start_identity,
@@ -237,10 +260,8 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
 
     if params.is_preference:
         chosen_enc, rejected_enc = encoders.pairs(train_rows)
-        n_train = len(train_rows)
     else:
         sft_enc = [encoders.one(r["prompt"], r["completion"]) for r in train_rows]
-        n_train = len(sft_enc)
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=params.learning_rate,
                                   weight_decay=params.weight_decay)
@@ -250,7 +271,6 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                              total_steps=params.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
-    hidden_size = getattr(unwrapped.config, "hidden_size", None)  # decides shared-prompt pair rows
 
     # --- resume -------------------------------------------------------------------------
     step, best = 0, {"metric": None, "value": None, "step": None, "metrics": {}}
@@ -287,17 +307,25 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     steps_at_start = step
     while step < params.max_steps:
         for micro in range(params.grad_accum_steps):
-            idx = batch_indices(step * params.grad_accum_steps + micro, n=n_train, batch_size=params.batch_size,
-                                seed=params.seed, rank=accelerator.process_index, world=accelerator.num_processes)
+            m = step * params.grad_accum_steps + micro
+            idx = micro_batches[m]
             with accelerator.accumulate(policy), accelerator.autocast():
                 if params.is_preference:
                     batch = collate_pairs([chosen_enc[i] for i in idx], [rejected_enc[i] for i in idx],
                                           tokenizer.pad_token_id, hidden_size=hidden_size)
-                    # The batch's reference log-probs are gathered on the host and travel with it
-                    # (indexing a GPU tensor with host indices would copy them over synchronously).
-                    batch["reference_logps"] = torch.stack([train_ref[0][idx], train_ref[1][idx]])  # [2, B]
+                    # The batch's reference log-probs travel with it from the host (indexing a GPU
+                    # tensor with host indices would copy them over synchronously).
+                    batch["reference_logps"] = torch.stack([train_ref["chosen"][m], train_ref["rejected"][m]])  # [2, B]
                     batch = to_device(batch, device)
-                    loss, metrics = preference_step(policy, batch, params, *batch["reference_logps"])
+                    mismatched = None
+                    if kto_mismatched:
+                        mismatched = collate_pairs(*batch_encodings(encoders, train_rows, idx, kl=True),
+                                                   tokenizer.pad_token_id, hidden_size=hidden_size)
+                        mismatched["reference_logps"] = torch.stack([train_ref["kl_chosen"][m],
+                                                                     train_ref["kl_rejected"][m]])
+                        mismatched = to_device(mismatched, device)
+                    loss, metrics = preference_step(policy, batch, params, *batch["reference_logps"],
+                                                    mismatched=mismatched)
                 else:
                     batch = collate([sft_enc[i] for i in idx], tokenizer.pad_token_id, device)
                     loss, metrics = sft_step(policy, batch, params)

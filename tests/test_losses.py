@@ -331,10 +331,52 @@ def test_loss_options():
     assert loss_options("robust") == ("label_smoothing",)
     assert loss_options("simpo") == ("simpo_gamma",)
     assert loss_options("cpo") == ("cpo_alpha",)
-    assert set(loss_options("kto")) == {"kl", "desirable_weight", "undesirable_weight"}
+    assert set(loss_options("kto")) == {"desirable_weight", "undesirable_weight"}  # kl is computed, not set
     for kind in PREFERENCE_LOSSES:
         assert isinstance(loss_options(kind), tuple)
-        assert not {"beta", "chosen_lengths", "rejected_lengths"} & set(loss_options(kind))
+        assert not {"beta", "chosen_lengths", "rejected_lengths", "kl"} & set(loss_options(kind))
+
+
+@pytest.mark.parametrize("kind", sorted(PREFERENCE_LOSSES))
+def test_every_loss_option_is_a_run_parameter_whose_value_reaches_the_loss(kind, monkeypatch):
+    """Each objective has a documented default β and options (prefnb.objectives); null in params
+    means that default, and a value set in params is the value the loss is called with."""
+    from prefnb import objectives, train
+    from prefnb.config import FIELDS, resolve_params
+
+    assert set(objectives.option_names(kind)) == set(loss_options(kind))  # one list of options
+    defaults = resolve_params([("test", {"objective": kind})])
+    assert defaults.beta == objectives.default(kind, "beta") > 0
+    set_values = {"beta": 0.37, **{name: 0.123 + k / 100 for k, name in enumerate(loss_options(kind))}}
+    for name in set_values:
+        assert name in FIELDS, f"{kind} option '{name}' cannot be set from params"
+        assert getattr(defaults, name) == objectives.default(kind, name)
+    params = resolve_params([("test", {"objective": kind, **set_values})])
+    seen = {}
+    real = PREFERENCE_LOSSES[kind]
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(PREFERENCE_LOSSES, kind, spy)
+    pc, pr, rc, rr, cl, rl = _pairs(3)
+    batch_logps = torch.cat([pc, pr]).float()
+
+    def fake_sequence_logps(model, batch):
+        return batch_logps, torch.cat([cl, rl]).float()
+
+    monkeypatch.setattr(train, "sequence_logps", fake_sequence_logps)
+    train.preference_step(None, {}, params, rc.float(), rr.float())
+    assert {name: seen[name] for name in set_values} == pytest.approx(set_values)
+
+
+def test_kto_reference_point_is_the_clamped_mean_mismatched_log_ratio_without_gradient():
+    policy = torch.tensor([-3.0, -1.0, -2.0, -6.0], requires_grad=True)
+    ref = torch.tensor([-4.0, -1.5, -2.0, -5.0])
+    z0 = L.kto_reference_point(policy, ref)
+    assert z0.item() == pytest.approx((1.0 + 0.5 + 0.0 - 1.0) / 4) and not z0.requires_grad
+    assert L.kto_reference_point(ref, policy.detach()).item() == 0.0  # negative mean: clamped
 
 
 def test_unknown_preference_kind_names_the_allowed_kinds():

@@ -438,11 +438,14 @@ def test_orpo_full_loss_equals_trl_with_one_token_prompts(beta, seed, batch):
 # ---------------------------------------------------------------------------------------
 # KTO trainer
 # ---------------------------------------------------------------------------------------
-def _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, desirable_weight, undesirable_weight, seed):
+def _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, desirable_weight, undesirable_weight, seed, ref_kl=None):
     """TRL's KTOTrainer._compute_loss on B desirable (our chosen) + B undesirable (our rejected) examples.
 
     The examples are shuffled (TRL selects each side by its label) and the KL batch (TRL's
-    mismatched prompt/completion pairs) is built so that mean(KL_logps − ref_KL_logps) = kl.
+    mismatched prompt/completion pairs) is built so that mean(KL_logps − ref_KL_logps) = kl,
+    or, given ``ref_kl`` [2B], with those reference log-probs (then TRL estimates z₀ itself).
+    Returns (loss, logged metrics, (chosen, rejected) log-probs as TRL summed them, the KL
+    batch's policy log-probs as TRL summed them).
     """
     KTOTrainer = _import("trl.trainer.kto_trainer", "KTOTrainer")
     g = torch.Generator().manual_seed(seed + 200)
@@ -459,7 +462,8 @@ def _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, desirable_weight, undesirable_wei
     kl_seq = -torch.rand(2 * b, generator=g, dtype=torch.float64) * 10
     kl_per_token, kl_completion_mask, kl_attention_mask = _token_layout(kl_seq, kl_lengths, width + 4, g)
     noise = torch.randn(2 * b, generator=g, dtype=torch.float64)
-    ref_kl = kl_per_token.sum(1) - kl - (noise - noise.mean())
+    if ref_kl is None:
+        ref_kl = kl_per_token.sum(1) - kl - (noise - noise.mean())
     fake_self = _training_trainer_self(
         loss_type="kto",
         beta=beta,
@@ -484,7 +488,7 @@ def _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, desirable_weight, undesirable_wei
     # Undo the shuffle to hand back the sequence log-probs as TRL summed them, in pair order.
     seq_trl = torch.empty_like(seq)
     seq_trl[order] = per_token.sum(1)
-    return loss, fake_self._metrics["train"], seq_trl.chunk(2)
+    return loss, fake_self._metrics["train"], seq_trl.chunk(2), kl_per_token.sum(1)
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
@@ -493,7 +497,7 @@ def _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, desirable_weight, undesirable_wei
 @pytest.mark.parametrize("seed, batch", BATCHES)
 def test_kto_trainer_loss(weights, kl, beta, seed, batch):
     pc, pr, rc, rr, cl, rl = _pairs(seed, batch)
-    trl_loss, logged, (pc_trl, pr_trl) = _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, *weights, seed=seed)
+    trl_loss, logged, (pc_trl, pr_trl), _ = _trl_kto(pc, pr, rc, rr, cl, rl, beta, kl, *weights, seed=seed)
     _close(logged["kl"][-1], kl)  # the KL batch gives TRL the z₀ we chose
     losses, chosen_rewards, rejected_rewards = _ours("kto", pc_trl, pr_trl, rc, rr, cl, rl, beta, kl=kl,
                                                      desirable_weight=weights[0], undesirable_weight=weights[1])
@@ -502,3 +506,26 @@ def test_kto_trainer_loss(weights, kl, beta, seed, batch):
     _assert_reward_metrics(logged, chosen_rewards, rejected_rewards, accuracies=False)
     _close(logged["logps/chosen"][-1], pc.mean())
     _close(logged["logps/rejected"][-1], pr.mean())
+
+
+@pytest.mark.parametrize("shift", [-3.0, 0.0, 2.5])
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("seed, batch", BATCHES)
+def test_kto_reference_point_from_mismatched_pairs_matches_trl(shift, beta, seed, batch):
+    """TRL estimates z₀ from its KL batch (the mismatched pairs); ours is
+    losses.kto_reference_point of the same mismatched log-probs. shift < 0 makes the mean
+    log-ratio negative, so both must clamp it at 0."""
+    from prefnb.losses import kto_reference_point
+
+    pc, pr, rc, rr, cl, rl = _pairs(seed, batch)
+    g = torch.Generator().manual_seed(seed + 300)
+    kl_policy = _trl_kto(pc, pr, rc, rr, cl, rl, beta, 0.0, 1.0, 1.0, seed=seed)[3]  # the KL batch TRL will see
+    ref_kl = kl_policy - shift - torch.randn(2 * batch, generator=g, dtype=torch.float64)
+    trl_loss, logged, (pc_trl, pr_trl), kl_policy_trl = _trl_kto(pc, pr, rc, rr, cl, rl, beta, None, 1.0, 1.0,
+                                                                 seed=seed, ref_kl=ref_kl)
+    z0 = kto_reference_point(kl_policy_trl, ref_kl)
+    _close(logged["kl"][-1], z0)
+    if shift < 0:
+        assert z0.item() == 0.0
+    losses, _, _ = _ours("kto", pc_trl, pr_trl, rc, rr, cl, rl, beta, kl=z0)
+    _close(trl_loss, losses.mean())

@@ -63,12 +63,12 @@ def test_staged_dpo_from_sft_raises_reward_accuracy_and_shares_the_reference_cac
     acc = history(Path(dpo.output_dir), "rewards/accuracies")
     assert acc[-1] > acc[0]
     assert history(Path(dpo.output_dir), "loss")[0] == pytest.approx(0.693, abs=0.05)  # starts at ln 2
-    cached = sorted((tmp_path / "cache" / "reference_logps").glob("*.pt"))
-    assert len(cached) == 3  # train, selection and report pairs
+    cached = sorted((tmp_path / "cache").glob("*reference_logps/*.pt"))
+    assert len(cached) == 3  # the training batches, selection and report pairs
     # A β sweep reuses the same reference log-probs: no new cache entries.
-    train_mod.train(make_params(tmp_path, "dpo_beta", objective="dpo", init_from=sft_params.output_dir, beta=0.05),
-                    progress=False)
-    assert sorted((tmp_path / "cache" / "reference_logps").glob("*.pt")) == cached
+    train_mod.train(make_params(tmp_path, "dpo_beta", objective="dpo", init_from=sft_params.output_dir, beta=0.05,
+                                max_steps=20, log_every=5), progress=False)
+    assert sorted((tmp_path / "cache").glob("*reference_logps/*.pt")) == cached
 
 
 def test_the_report_split_is_scored_once_on_the_selected_checkpoint(tmp_path, monkeypatch):
@@ -396,3 +396,62 @@ def test_a_training_step_never_waits_for_the_gpu(objective):
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _train_in_subprocess(tmp_path: Path, name: str, *settings: str) -> Path:
+    """`prefnb train` in a fresh process (accelerate fixes precision per process); its run directory."""
+    import subprocess
+    import sys
+
+    args = [*sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []), *sum((["--set", s] for s in settings), []),
+            "--set", f"cache_dir={tmp_path}/cache-{name}", "--set", f"output_dir={tmp_path / name}"]
+    proc = subprocess.run([sys.executable, "-m", "prefnb", "train", "--no-progress", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path / name
+
+
+def test_bf16_dpo_on_sonnets_starts_at_ln2_with_zero_margin(tmp_path):
+    """Under bf16 autocast the reference is scored exactly as the policy is (same autocast,
+    same batches and row layout), so at step 0, policy = reference: loss ln 2, margin 0."""
+    import math
+
+    run = _train_in_subprocess(tmp_path, "bf16", "task=sonnets", "objective=dpo", "precision=bf16", "max_steps=1",
+                               "log_every=1", "max_train_examples=8", "max_length=640", "max_new_tokens=48",
+                               "max_eval_examples=2", "max_test_examples=2", "beta=1.0")
+    first = json.loads((run / "history.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_kto_estimates_its_reference_point_on_mismatched_pairs(tmp_path, monkeypatch):
+    """Each step's z₀ comes from the batch's prompts paired with the previous pair's responses
+    (x_i, y_{i−1}), their reference log-probs precomputed with the batch's own."""
+    from prefnb.precompute import Encoders, batch_encodings, mismatched
+
+    _, tokenizer = models.build_tiny(0)
+    rows = [{"prompt": f"p{i}:", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(8)]
+    encoders = Encoders(tokenizer, 64, add_eos=False)
+    chosen, rejected = batch_encodings(encoders, rows, [3, 5, 7], kl=True)
+    assert mismatched([3, 5, 7]) == [7, 3, 5]
+    assert chosen == [encoders.one("p3:", " c7"), encoders.one("p5:", " c3"), encoders.one("p7:", " c5")]
+    assert rejected == [encoders.one("p3:", " r7"), encoders.one("p5:", " r3"), encoders.one("p7:", " r5")]
+
+    seen = []
+    real = losses.kto_reference_point
+    monkeypatch.setattr(losses, "kto_reference_point", lambda p, r: seen.append((p.detach(), r)) or real(p, r))
+    train_mod.train(make_params(tmp_path, "kto", objective="kto", max_steps=3, log_every=1), progress=False)
+    assert len(seen) == 3 and all(p.shape == r.shape == (2 * TINY["batch_size"],) for p, r in seen)
+    torch.testing.assert_close(seen[0][0], seen[0][1], atol=1e-5, rtol=0)  # step 0: policy = reference
+    assert history(tmp_path / "kto")[0] == pytest.approx(0.5, abs=1e-5)  # z₀ = 0, every log-ratio 0: ½(½ + ½)
+
+
+@pytest.mark.parametrize("r", [4, 16, 64])
+def test_lora_alpha_follows_the_rank_by_default(r):
+    """lora_alpha: null = 2r, so every rank trains at the same adapter scale α/r = 2; a set α stays."""
+    params = resolve_params([("test", {"lora_r": r})])
+    assert params.lora_alpha == 2 * r
+    policy = models.add_lora(models.build_tiny(0)[0], r=r, alpha=params.lora_alpha, dropout=0.0, targets="auto")
+    scales = {m.scaling["default"] for m in policy.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)}
+    assert scales == {2.0}
+    assert resolve_params([("test", {"lora_r": r, "lora_alpha": 8})]).lora_alpha == 8.0
