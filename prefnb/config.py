@@ -107,7 +107,10 @@ class RunParams:
     eval_every: int = _spec(0, "evaluate every N steps and keep the best checkpoint (0 = at the end only)", min=0)
     log_every: int = _spec(10, "steps between history.jsonl rows (the only host syncs of the loop)", min=1)
     save_every: int = _spec(0, "steps between resumable training states (0 = none)", min=0)
-    generation: str = _spec("greedy", "sonnet decoding", choices=("greedy", "top_p"))
+    generation: str = _spec("greedy", "sonnet decoding for eval/chrf and test/chrf", choices=("greedy", "top_p"))
+    eval_sampled: bool = _spec(False, "sonnets: also score the report split with the benchmark's sampled decoding "
+                               "(temperature 1.2, top-p 0.9, seeded by `seed`): test/chrf_sampled, "
+                               "test/chrf_full_sampled")
     top_p: float = _spec(0.9, "nucleus mass for generation=top_p", min=0.0, max=1.0, min_exclusive=True)
     temperature: float = _spec(1.0, "sampling temperature", min=0.0, min_exclusive=True)
     max_new_tokens: int = _spec(128, "tokens generated per sonnet continuation", min=1)

@@ -299,6 +299,53 @@ def sonnet_preference_rows(sft_rows: Sequence[dict], rejected: Sequence[str]) ->
     return rows
 
 
+def whole_lines(text: str, ended: bool, max_lines: int) -> tuple[str, bool]:
+    """A generated continuation cut to whole lines: (its first ≤ ``max_lines`` complete lines,
+    newline-terminated; whether it still ends where the model emitted EOS).
+
+    A line is complete when a newline ends it, or EOS (``ended``) does. A sample cut off by
+    the token budget loses its partial last line, and so does its EOS claim; one cut to
+    ``max_lines`` no longer ends where the model stopped, so it has no EOS either.
+    """
+    lines = text.split("\n")
+    partial = lines.pop()  # after the last newline: "" if the text ends with one
+    if ended and partial.strip():
+        lines.append(partial)
+    lines = lines[:max_lines] if max_lines > 0 else lines
+    kept = "".join(line + "\n" for line in lines)
+    return kept, ended and kept.rstrip("\n") == text.rstrip("\n")
+
+
+def sonnet_sampled_pairs(sft_rows: Sequence[dict], samples: Sequence[tuple[str, bool]]) -> list[dict]:
+    """Preference pairs from sampled continuations that differ from the true ones in content only.
+
+    Each sample (text, emitted EOS) is cut to whole lines, at most as many as the true
+    continuation has (the 11 lines chrF scores), and the chosen side to as many lines as the
+    rejected side kept; each side ends with EOS only where it truly ends (the whole true
+    continuation; a sample where the model emitted EOS right there). Otherwise DPO could tell
+    the two sides apart by length, a cut-off last line or EOS alone. A sample without a single
+    whole line is kept as it is, with EOS only if the model emitted one (and counted in the log).
+    """
+    if len(sft_rows) != len(samples):
+        raise ValueError(f"sonnet_sampled_pairs: {len(sft_rows)} rows but {len(samples)} samples")
+    rows, unlined = [], 0
+    for row, (text, ended) in zip(sft_rows, samples):
+        true_lines = row["completion"].rstrip("\n").split("\n")
+        rejected, rejected_eos = whole_lines(text, ended, len(true_lines))
+        if not rejected.strip():  # kept whole; an empty one keeps its EOS (the model stopped at once)
+            unlined += 1
+            rejected, rejected_eos = text, ended or not text
+        k = max(1, min(rejected.count("\n"), len(true_lines)))
+        rows.append({"prompt": row["prompt"], "chosen": "".join(line + "\n" for line in true_lines[:k]),
+                     "rejected": rejected, "chosen_eos": k == len(true_lines), "rejected_eos": rejected_eos})
+    if unlined:
+        log.warning("%d of %d sampled continuations hold no whole line (raise max_new_tokens)", unlined, len(rows))
+    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    if same:
+        log.warning("%d of %d preference pairs have rejected == chosen", same, len(rows))
+    return rows
+
+
 def other_continuations(sft_rows: Sequence[dict], seed: int) -> list[str]:
     """For each row, the completion of a different row: a seeded random cyclic derangement.
 
@@ -417,7 +464,7 @@ class TaskData:
     task: str
     train_sft: list[dict]           # {"prompt","completion"}; preference data: chosen as completion
     train_pairs: list[dict] | None  # {"prompt","chosen","rejected"}; None: SFT-only data, or the caller
-                                    # samples rejected sonnets and calls sonnet_preference_rows
+                                    # samples rejected sonnets and calls sonnet_sampled_pairs
     eval_rows: list[dict]           # selection split. paraphrase {"prompt","label"}; sonnets {"prompt",
                                     # "reference","full_reference"}; jsonl: the held-out rows themselves
     eval_pairs: list[dict]          # selection preference pairs, implicit-reward accuracy ([] for SFT-only data)

@@ -14,6 +14,9 @@ import torch
 from prefnb.logprobs import encode, score_all
 
 ANSWER_YES, ANSWER_NO = " yes", " no"
+# The sampled decoding of the benchmark these sonnet files come from (its sonnet generation
+# samples with temperature 1.2 and nucleus mass 0.9); reported as test/chrf_sampled beside greedy.
+BENCHMARK_SAMPLING = {"temperature": 1.2, "top_p": 0.9}
 
 
 def binary_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
@@ -44,17 +47,26 @@ def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: in
     return {f"{split}/accuracy": accuracy, f"{split}/f1": binary_f1(predictions, labels)}
 
 
+def generate(model, tokenizer, prompts: Sequence[str], **settings) -> list[str]:
+    """Continuations of ``prompts`` (text after the prompt, up to EOS), greedy or seeded top-p;
+    ``settings`` as :func:`generate_with_ends`."""
+    return [text for text, _ in generate_with_ends(model, tokenizer, prompts, **settings)]
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, greedy: bool, top_p: float,
-             temperature: float, seed: int, batch_size: int, max_length: int, device) -> list[str]:
-    """Continuations of ``prompts`` (text after the prompt, up to EOS), greedy or seeded top-p."""
+def generate_with_ends(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, greedy: bool, top_p: float,
+                       temperature: float, seed: int, batch_size: int, max_length: int,
+                       device) -> list[tuple[str, bool]]:
+    """(continuation, whether the model emitted EOS) for each prompt: greedy, or top-p sampling
+    seeded by ``seed`` (the global RNG is restored after). A continuation without EOS was cut
+    off by ``max_new_tokens``."""
     was_training = model.training
     model.eval()
     pad_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    outputs: list[str] = []
+    outputs: list[tuple[str, bool]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
@@ -65,7 +77,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, g
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                  **sampling)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
-            outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            # Padding after a finished row only ever follows its EOS, so EOS anywhere = emitted.
+            ended = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+            outputs += zip(tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended)
     finally:
         tokenizer.padding_side = pad_side
         torch.random.set_rng_state(generator_state)

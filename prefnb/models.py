@@ -129,6 +129,20 @@ def load_checkpoint(path: str | Path):
     return merged, tokenizer
 
 
+def chain_base(init_from: str | Path) -> tuple[str, int]:
+    """(model, seed) that a chain of runs started from: follow init_from back through each
+    checkpoint's record to the run that started from a base model (hub id, directory, 'tiny')."""
+    record = json.loads((checkpoint_dir(init_from) / CHECKPOINT_RECORD).read_text())
+    seen = set()
+    while record["base_init_from"]:
+        if record["base_init_from"] in seen:  # a hand-edited record pointing in a circle
+            raise ModelLoadError(f"init_from '{init_from}': the checkpoint records loop back to "
+                                 f"'{record['base_init_from']}'")
+        seen.add(record["base_init_from"])
+        record = json.loads((checkpoint_dir(record["base_init_from"]) / CHECKPOINT_RECORD).read_text())
+    return record["base_model"], record["seed"]
+
+
 def load_starting_model(model: str, init_from: str | None, seed: int):
     """The policy a run starts from: an earlier run's checkpoint, else `model`."""
     return load_checkpoint(init_from) if init_from else load_base(model, seed)

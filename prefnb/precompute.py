@@ -46,17 +46,21 @@ class Encoders:
         if self.fingerprint is None:
             self.fingerprint = models.tokenizer_fingerprint(self.tokenizer)
 
-    def one(self, prompt: str, response: str, *, prior: bool = False) -> Encoded:
-        key = (prompt, response, prior)
+    def one(self, prompt: str, response: str, *, prior: bool = False, eos: bool = True) -> Encoded:
+        """``eos=False``: no EOS after this response even where the task adds one (a sampled
+        sonnet continuation the model did not finish, `prefnb.data.sonnet_sampled_pairs`)."""
+        key = (prompt, response, prior, eos)
         if key not in self._memo:
             prompt_ids = [start_token_id(self.tokenizer)] if prior else None
             self._memo[key] = encode(self.tokenizer, prompt, response, max_length=self.max_length,
-                                     add_eos=self.add_eos, prompt_ids=prompt_ids)
+                                     add_eos=self.add_eos and eos, prompt_ids=prompt_ids)
         return self._memo[key]
 
     def pairs(self, rows, *, prior: bool = False) -> tuple[list[Encoded], list[Encoded]]:
-        return ([self.one(r["prompt"], r["chosen"], prior=prior) for r in rows],
-                [self.one(r["prompt"], r["rejected"], prior=prior) for r in rows])
+        """Chosen and rejected encodings; a row's ``chosen_eos`` / ``rejected_eos`` (default
+        true) say whether that response ends with EOS."""
+        return ([self.one(r["prompt"], r["chosen"], prior=prior, eos=r.get("chosen_eos", True)) for r in rows],
+                [self.one(r["prompt"], r["rejected"], prior=prior, eos=r.get("rejected_eos", True)) for r in rows])
 
     @classmethod
     def shared(cls, tokenizer, max_length: int, add_eos: bool) -> "Encoders":
@@ -76,29 +80,31 @@ class Encoders:
 _SHARED_ENCODERS: dict[tuple, Encoders] = {}
 
 
-def _reference(params: RunParams, start_model, tokenizer, start_identity: str, device):
-    """(identity for cache keys, a loader of the reference model) for ``params.reference``:
+def _reference(kind: str, seed: int, start_model, tokenizer, start_identity: str, device):
+    """(identity for cache keys, a loader of the reference model) for reference ``kind``:
     policy and prior: the starting policy; anything else: that model (tokenizer checked)."""
-    kind = params.reference
     if kind in ("policy", "prior"):
         return start_identity, lambda: start_model
-    return (models.weights_identity(kind, params.seed),
-            lambda: models.load_reference_model(kind, tokenizer, params.seed).to(device))
+    return (models.weights_identity(kind, seed),
+            lambda: models.load_reference_model(kind, tokenizer, seed).to(device))
 
 
 def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoders, rows, *, split: str,
-                    cache_dir: Path, start_identity: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache_dir: Path, start_identity: str, device,
+                    source: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_ref(chosen), log π_ref(rejected) for every pair in ``rows``: [N] each, on CPU.
 
     For the held-out splits, scored (like the policy there) in full precision. reference =
     policy: the starting policy; none: zeros (probability reward); prior: the starting policy
     scoring the response after a lone start token, i.e. log p(y); anything else: that model.
+    ``source`` = (model, seed) scores with that model instead of ``params.reference`` (the base
+    model a chain of runs started from: `models.chain_base`).
     """
-    kind = params.reference
+    kind, seed = source if source else (params.reference, params.seed)
     if kind == "none" or not rows:
         zeros = torch.zeros(len(rows))
         return zeros, zeros.clone()
-    identity, load = _reference(params, start_model, tokenizer, start_identity, device)
+    identity, load = _reference(kind, seed, start_model, tokenizer, start_identity, device)
     key = cache_key(reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
                     tokenizer=encoders.fingerprint, max_length=params.max_length,
                     add_eos=encoders.add_eos)
@@ -127,9 +133,8 @@ def batch_encodings(encoders: Encoders, rows, batch: list[int], *, prior: bool =
     """(chosen, rejected) encodings of one micro-batch of pair indices; ``kl``: the mismatched
     pairs (x_i, y_{i−1}) instead (:func:`mismatched`); ``prior``: the response after a start token."""
     responses = mismatched(batch) if kl else batch
-    chosen = [encoders.one(rows[i]["prompt"], rows[j]["chosen"], prior=prior) for i, j in zip(batch, responses)]
-    rejected = [encoders.one(rows[i]["prompt"], rows[j]["rejected"], prior=prior) for i, j in zip(batch, responses)]
-    return chosen, rejected
+    return tuple([encoders.one(rows[i]["prompt"], rows[j][side], prior=prior, eos=rows[j].get(side + "_eos", True))
+                  for i, j in zip(batch, responses)] for side in ("chosen", "rejected"))
 
 
 def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoders, rows, batches: list[list[int]],
@@ -155,7 +160,7 @@ def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: E
     if kind == "none":
         zeros = torch.zeros(shape)
         return {name: zeros for name in ("chosen", "rejected", "kl_chosen", "kl_rejected")}
-    identity, load = _reference(params, start_model, tokenizer, start_identity, device)
+    identity, load = _reference(kind, params.seed, start_model, tokenizer, start_identity, device)
     key = cache_key(version=1, reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
                     tokenizer=encoders.fingerprint, max_length=params.max_length, add_eos=encoders.add_eos,
                     batches=data_lib.dataset_hash(batches), hidden_size=hidden_size, mixed_precision=mixed_precision,
@@ -185,17 +190,20 @@ def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: E
 
 
 def sampled_rejections(params: RunParams, start_model, tokenizer, rows, *, cache_dir: Path, start_identity: str,
-                       device) -> list[str]:
-    """On-policy rejected continuations: top-p samples of the starting (reference/SFT) model."""
-    key = cache_key(model=start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
+                       device) -> list[tuple[str, bool]]:
+    """On-policy rejected continuations: top-p samples of the starting (reference/SFT) model,
+    each with whether the model emitted EOS (`prefnb.data.sonnet_sampled_pairs` trims them)."""
+    # version 2: the value holds (text, emitted EOS) pairs, not bare texts.
+    key = cache_key(version=2, model=start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
                     max_new_tokens=params.max_new_tokens, top_p=params.top_p, temperature=params.temperature,
                     seed=params.seed, max_length=params.max_length)
 
     def compute():
-        return evaluate.generate(start_model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens,
-                                 greedy=False, top_p=params.top_p, temperature=params.temperature, seed=params.seed,
-                                 batch_size=params.eval_batch_size, max_length=params.max_length, device=device)
+        return evaluate.generate_with_ends(
+            start_model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens, greedy=False,
+            top_p=params.top_p, temperature=params.temperature, seed=params.seed, batch_size=params.eval_batch_size,
+            max_length=params.max_length, device=device)
 
     value, hit = cached(cache_dir, "sampled_rejections", key, compute)
     log.info("sampled rejected continuations (%d): %s", len(rows), "cache hit" if hit else "generated")
-    return value
+    return [(text, bool(ended)) for text, ended in value]

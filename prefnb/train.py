@@ -102,6 +102,9 @@ class HeldOut:
     rows: list[dict]
     pairs: list[dict]
     reference: tuple[torch.Tensor, torch.Tensor]  # log π_ref(chosen), log π_ref(rejected) of ``pairs``: [P] each
+    # The same under the base model a chain of runs (SFT → DPO) started from, where that is not
+    # the run's own reference: the implicit reward of everything the chain learnt, not just this run.
+    chain_base_reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def run_evaluation(model, tokenizer, split: HeldOut, params: RunParams, encoders: Encoders, device) -> dict[str, float]:
@@ -119,6 +122,13 @@ def run_evaluation(model, tokenizer, split: HeldOut, params: RunParams, encoders
             greedy=params.generation == "greedy", top_p=params.top_p, temperature=params.temperature,
             seed=params.seed, batch_size=params.eval_batch_size, max_length=params.max_length, device=device)
         metrics.update(evaluate.sonnet_metrics(continuations, split.rows, split=prefix))
+        if params.eval_sampled and prefix == "test":
+            sampled = evaluate.generate(
+                model, tokenizer, [r["prompt"] for r in split.rows], max_new_tokens=params.max_new_tokens,
+                greedy=False, seed=params.seed, batch_size=params.eval_batch_size, max_length=params.max_length,
+                device=device, **evaluate.BENCHMARK_SAMPLING)
+            metrics.update({f"{name}_sampled": value
+                            for name, value in evaluate.sonnet_metrics(sampled, split.rows, split=prefix).items()})
     elif not params.is_preference:  # user SFT data: held-out NLL per response token
         items = [encoders.one(r["prompt"], r["completion"]) for r in split.rows]
         scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=params.eval_batch_size, device=device)
@@ -129,6 +139,9 @@ def run_evaluation(model, tokenizer, split: HeldOut, params: RunParams, encoders
                                                      batch_size=params.eval_batch_size, device=device)
         metrics[f"{prefix}/implicit_reward_accuracy"] = evaluate.implicit_reward_accuracy(
             chosen_scores, rejected_scores, *split.reference)
+        if split.chain_base_reference is not None:
+            metrics[f"{prefix}/implicit_reward_accuracy_total"] = evaluate.implicit_reward_accuracy(
+                chosen_scores, rejected_scores, *split.chain_base_reference)
     return metrics
 
 
@@ -214,7 +227,7 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
             with accelerator.main_process_first():
                 rejected = sampled_rejections(params, start_model, tokenizer, task.train_sft, cache_dir=cache_dir,
                                               start_identity=start_identity, device=device)
-            train_rows = data_lib.sonnet_preference_rows(task.train_sft, rejected)
+            train_rows = data_lib.sonnet_sampled_pairs(task.train_sft, rejected)
     else:
         train_rows = task.train_sft
 
@@ -245,6 +258,13 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
                                                        device=device))
             for name, rows, pairs in (("eval", task.eval_rows, task.eval_pairs),
                                       ("test", task.test_rows, task.test_pairs)))
+        # A run started from an earlier one (SFT → DPO): also rank the report pairs against the
+        # base model the chain started from (test/implicit_reward_accuracy_total).
+        base = models.chain_base(params.init_from) if params.init_from else None
+        if base and report.pairs and base[0] != params.reference:
+            report.chain_base_reference = reference_logps(params, start_model, tokenizer, encoders, report.pairs,
+                                                          split="test", cache_dir=cache_dir, device=device,
+                                                          start_identity=start_identity, source=base)
     reference_seconds = time.perf_counter() - ref_started
 
     # --- the policy: the starting model, with fresh LoRA adapters when lora_r > 0 ----------

@@ -331,3 +331,33 @@ def test_cli_data_command(real_data_dir, tmp_path, capsys):
     assert main(["data", "--data-dir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "PREFNB_DATA" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sampled_sonnet_negatives_differ_from_the_true_lines_in_content_only():
+    """Sampled rejections are cut to whole lines (at most the true continuation's), the chosen
+    side to as many lines, and EOS ends a side only where it truly ends."""
+    truth = {"prompt": "a\nb\nc\n", "completion": "".join(f"true {i}\n" for i in range(4, 15))}  # 11 lines
+    samples = [("one\ntwo\nthree is cut mid-li", False),          # budget ran out mid-line
+               ("one\ntwo", True),                                 # the model stopped after two lines
+               ("".join(f"x{i}\n" for i in range(13)), True),      # 13 lines: cut to 11, no longer its end
+               ("no whole line", False)]
+    rows = D.sonnet_sampled_pairs([truth] * 4, samples)
+    assert rows[0] == {"prompt": truth["prompt"], "chosen": "true 4\ntrue 5\n", "rejected": "one\ntwo\n",
+                       "chosen_eos": False, "rejected_eos": False}
+    assert (rows[1]["rejected"], rows[1]["rejected_eos"], rows[1]["chosen"].count("\n")) == ("one\ntwo\n", True, 2)
+    assert rows[2]["rejected"].count("\n") == 11 and not rows[2]["rejected_eos"]
+    assert rows[2]["chosen"] == truth["completion"] and rows[2]["chosen_eos"]
+    assert rows[3]["rejected"] == "no whole line" and not rows[3]["rejected_eos"] and rows[3]["chosen"] == "true 4\n"
+    for row in rows[:3]:  # same number of whole lines on both sides
+        assert row["chosen"].count("\n") == row["rejected"].count("\n") and row["rejected"].endswith("\n")
+
+
+def test_encoders_add_eos_only_where_a_response_ends():
+    from prefnb.models import build_tiny
+    from prefnb.precompute import Encoders
+
+    _, tokenizer = build_tiny(0)
+    encoders = Encoders(tokenizer, 64, add_eos=True)
+    chosen, rejected = encoders.pairs([{"prompt": "p\n", "chosen": "x\n", "rejected": "y\n", "rejected_eos": False}])
+    assert chosen[0].ids[-1] == tokenizer.eos_token_id and rejected[0].ids[-1] != tokenizer.eos_token_id
+    assert chosen[0].n_response == rejected[0].n_response + 1

@@ -59,16 +59,35 @@ def test_staged_dpo_from_sft_raises_reward_accuracy_and_shares_the_reference_cac
     sft_params, _ = sft_run
     dpo = make_params(tmp_path, "dpo", objective="dpo", init_from=sft_params.output_dir, max_steps=20, log_every=5,
                       beta=0.5)
-    train_mod.train(dpo, progress=False)
+    metrics = train_mod.train(dpo, progress=False)
     acc = history(Path(dpo.output_dir), "rewards/accuracies")
     assert acc[-1] > acc[0]
     assert history(Path(dpo.output_dir), "loss")[0] == pytest.approx(0.693, abs=0.05)  # starts at ln 2
     cached = sorted((tmp_path / "cache").glob("*reference_logps/*.pt"))
-    assert len(cached) == 3  # the training batches, selection and report pairs
+    assert len(cached) == 4  # the training batches, selection and report pairs, report pairs under the base
     # A β sweep reuses the same reference log-probs: no new cache entries.
     train_mod.train(make_params(tmp_path, "dpo_beta", objective="dpo", init_from=sft_params.output_dir, beta=0.05,
                                 max_steps=20, log_every=5), progress=False)
     assert sorted((tmp_path / "cache").glob("*reference_logps/*.pt")) == cached
+
+    # Against the SFT model (the run's reference) and against the base model the chain started from.
+    from prefnb import data as data_lib, evaluate
+    from prefnb.logprobs import score_pairs
+    from prefnb.precompute import ADD_EOS, Encoders
+
+    policy, tokenizer = models.load_checkpoint(dpo.output_dir)
+    encoders = Encoders(tokenizer, dpo.max_length, ADD_EOS[dpo.task])
+    chosen, rejected = encoders.pairs(data_lib.load_task(dpo).test_pairs)
+
+    def scores(model):
+        return score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id, batch_size=16, device="cpu")
+
+    mine, sft_model, base = scores(policy), scores(models.load_checkpoint(sft_params.output_dir)[0]), \
+        scores(models.build_tiny(dpo.seed)[0])
+    assert metrics["test/implicit_reward_accuracy"] == evaluate.implicit_reward_accuracy(*mine, *sft_model)
+    assert metrics["test/implicit_reward_accuracy_total"] == evaluate.implicit_reward_accuracy(*mine, *base)
+    assert models.chain_base(dpo.output_dir) == ("tiny", dpo.seed)
+    assert "test/implicit_reward_accuracy_total" not in sft_run[1]  # no chain: its reference is the base
 
 
 def test_the_report_split_is_scored_once_on_the_selected_checkpoint(tmp_path, monkeypatch):
@@ -455,3 +474,29 @@ def test_lora_alpha_follows_the_rank_by_default(r):
     scales = {m.scaling["default"] for m in policy.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)}
     assert scales == {2.0}
     assert resolve_params([("test", {"lora_r": r, "lora_alpha": 8})]).lora_alpha == 8.0
+
+
+def test_sonnet_report_adds_the_benchmarks_seeded_sampled_decoding(monkeypatch):
+    """eval_sampled: the report split is also decoded as the benchmark does (temperature 1.2,
+    top-p 0.9), seeded, its chrF beside greedy's; the selection split stays greedy."""
+    from prefnb import evaluate
+    from prefnb.precompute import ADD_EOS, Encoders
+
+    model, tokenizer = models.build_tiny(0)
+    rows = [{"prompt": "Shall I compare thee\nto a summer's day?\nThou art\n", "reference": "more lovely\n",
+             "full_reference": "Shall I compare thee\nto a summer's day?\nThou art\nmore lovely\n"}] * 2
+    params = resolve_params([("test", {**TINY, "task": "sonnets", "eval_sampled": True, "max_new_tokens": 12})])
+    encoders = Encoders(tokenizer, params.max_length, ADD_EOS["sonnets"])
+    calls = []
+    real = evaluate.generate_with_ends
+    monkeypatch.setattr(evaluate, "generate_with_ends", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    def score(name):
+        return train_mod.run_evaluation(model, tokenizer, train_mod.HeldOut(name, rows, [], (None, None)), params,
+                                        encoders, "cpu")
+
+    report = score("test")
+    assert {"test/chrf", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled"} == set(report)
+    assert [(c["greedy"], c["temperature"], c["top_p"]) for c in calls[-2:]] == [(True, 1.0, 0.9), (False, 1.2, 0.9)]
+    assert score("test") == report  # seeded
+    assert set(score("eval")) == {"eval/chrf", "eval/chrf_full"}
