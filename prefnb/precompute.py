@@ -125,7 +125,9 @@ def mismatched(batch: list[int]) -> list[int]:
     """For each position i of a micro-batch, the example whose responses x_i is paired with to
     estimate KTO's reference point: the previous one, cyclically (y_{i−1}; TRL's KTOTrainer rolls
     the batch's completions by one the same way). The mismatched responses are the batch's own
-    set, each after another prompt, as the KTO authors recommend (HALOs; TRL's KTOTrainer)."""
+    set, each after another prompt, as the KTO authors recommend (HALOs; TRL's KTOTrainer).
+    With batch_size 1 there is no other pair: x_1 keeps its own responses and z₀ becomes the
+    matched estimate (as in TRL with a per-device batch of 1)."""
     return batch[-1:] + batch[:-1]
 
 
