@@ -33,8 +33,8 @@ import yaml
 
 from prefnb.rundir import MARKER
 from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, METRIC_LABELS, SCENARIOS, SUMMARY, TASK_METRIC,  # noqa: F401
-                           _metric_spec, cell, effects, fmt, markdown_table, report_metric, selection_metric,
-                           settings_table, summary_table)
+                           _metric_spec, cell, effects, fmt, markdown_table, operating_points, report_metric,
+                           selection_metric, settings_table, summary_table)
 
 log = logging.getLogger(__name__)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads hundreds of params files fast
@@ -337,6 +337,12 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
             parts.append(f"::: {{.callout-note}}\nNo finished runs of `{exp}` in these outputs: its figures and "
                          f"tables are not drawn. Run `prefnb study` (or `--only {exp}`) and `prefnb paper`.\n:::\n")
         files[f"sections/{exp}.md"] = "\n".join(parts)
+    points = operating_points(df)
+    files["tables/operating_points.md"] = (markdown_table(points) + "\n: Each preference objective's operating "
+                                           "point in these runs (β and its own options, outside the β sweep of "
+                                           "04); defaults and their sources in prefnb/objectives.py "
+                                           "{#tbl-operating-points}\n") if len(points) else (
+        "::: {.callout-note}\nNo preference runs: no operating points to list.\n:::\n")
     settings = settings_table(df) if len(df) else pd.DataFrame()
     files["tables/settings.md"] = (markdown_table(settings) + "\n: Settings of the finished runs (distinct values per "
                                    "experiment, from params.yaml) {#tbl-settings}\n") if len(settings) else (

@@ -253,3 +253,25 @@ def settings_table(df: pd.DataFrame) -> pd.DataFrame:
         row.update({label: _values(g[key]) for key, label in SETTINGS if key in g})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+OPTION_LABELS = {"label_smoothing": "ε", "simpo_gamma": "γ", "cpo_alpha": "α", "desirable_weight": "λ_D",
+                 "undesirable_weight": "λ_U"}
+
+
+def operating_points(df: pd.DataFrame) -> pd.DataFrame:
+    """Each preference objective's β and options as its runs used them (from params.yaml), outside
+    the β sweep of 04 (which varies β on purpose). Defaults and their sources: prefnb/objectives.py."""
+    from prefnb.config import PREFERENCE_OBJECTIVES
+    from prefnb.objectives import option_names
+
+    runs = df[(df["objective"] != "sft") & (df["experiment"] != "04_reference_strength")] if len(df) else df
+    rows = []
+    for objective in [o for o in PREFERENCE_OBJECTIVES if len(runs) and o in set(runs["objective"])]:
+        g = runs[runs["objective"] == objective]
+        options = [f"{OPTION_LABELS.get(name, name)} = {_values(g[name])}" for name in option_names(objective)
+                   if name in g and g[name].notna().any()]
+        rows.append({"objective": objective, "β": _values(g["beta"]), "options": "; ".join(options) or "none",
+                     "runs": len(g)})
+    return pd.DataFrame(rows, columns=["objective", "β", "options", "runs"])
+

@@ -130,6 +130,8 @@ def test_build_report_writes_figures_tables_numbers(fake_outputs):
     table = (report / "tables" / "01_sft-paraphrase.md").read_text()
     assert "±" in table and "accuracy (test)" in table and "(selection)" not in table
     assert "{#fig-methods}" in (report / "sections" / "03_staged.md").read_text()
+    points = (report / "tables" / "operating_points.md").read_text()
+    assert "| simpo |" in points and "{#tbl-operating-points}" in points and "| sft |" not in points
 
 
 def test_report_is_deterministic_and_skips_missing_experiments(tmp_path, caplog):
