@@ -73,3 +73,14 @@ def test_study_paper_verify_in_a_second_clone_use_its_outputs_and_paper(clone, m
     extra = finished[0].parent.parent / "extra-run"
     shutil.copytree(finished[0].parent, extra)
     assert cli.main(["verify"]) == 1
+
+
+def test_train_without_output_dir_writes_under_the_projects_outputs(clone, monkeypatch):
+    """`prefnb train` from a subfolder of a project: outputs/<experiment>/<run id> of that project."""
+    from prefnb.train_cli import sweep_params
+
+    monkeypatch.chdir(clone / "notebooks")
+    [params] = sweep_params([], ["experiment=mine"], [])
+    assert params.output_dir == str(clone.resolve() / "outputs" / "mine" / params.run_id())
+    [explicit] = sweep_params([], ["output_dir=somewhere"], [])
+    assert explicit.output_dir == "somewhere"  # a path the user gave is theirs
