@@ -209,7 +209,7 @@ def best_cell(df: pd.DataFrame, by: list[str], spec: str) -> dict[str, str]:
     label = ", ".join(str(k) for k in key)
     ties = int((means == means.max()).sum()) - 1  # an argmax among equals names one of them: say so
     if ties:
-        label += f" (tied on the selection split with {ties} other cell{'s' if ties > 1 else ''})"
+        label += f", tied on the selection split with {ties} other cell{'s' if ties > 1 else ''}"
     return {"cell": label, "value": cell(test, spec) or "n/a", "selection": fmt(float(means.max()), spec)}
 
 

@@ -185,7 +185,7 @@ def test_best_cell_is_chosen_on_selection_split_and_quoted_on_report_split():
     # mean 0.61, t_{0.975,2} = 4.303, sd = 0.01 → half-width 4.303 * 0.01 / sqrt(3)
     assert best["value"] == f"0.610 ± {4.303 * 0.01 / 3 ** 0.5:.3f}"
     tie = [dict(r, **{"eval/accuracy": 0.8}) for r in rows]  # equal on selection: the text must say so
-    assert best_cell(_table(tie), ["beta"], ".3f")["cell"] == "0.1 (tied on the selection split with 1 other cell)"
+    assert best_cell(_table(tie), ["beta"], ".3f")["cell"] == "0.1, tied on the selection split with 1 other cell"
 
 
 def test_effects_are_paired_t_intervals_over_seeds_averaged_within_seed():
