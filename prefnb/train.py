@@ -32,6 +32,7 @@ from prefnb.logprobs import (collate, collate_pairs, response_token_logps, score
 from prefnb.manifest import write_manifest
 from prefnb.precompute import (ADD_EOS, Encoders, batch_encodings, batch_reference_logps, reference_logps,
                                sampled_rejections)
+from prefnb.prompts import apply_prompt_format
 from prefnb.rundir import atomic_write_json, now_iso
 from prefnb.schedule import batch_indices, lr_scheduler
 from prefnb.timing import StepClock, peak_memory_bytes, process_peak_rss_bytes, reset_peak_memory, synchronize
@@ -215,6 +216,7 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     task = data_lib.load_task(params)
     start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
     start_model.to(device)
+    task = apply_prompt_format(task, tokenizer, params.prompt_format)
     start_identity = models.weights_identity(params.init_from or params.model, params.seed)
     encoders = Encoders.shared(tokenizer, params.max_length, ADD_EOS[params.task])
 

@@ -83,3 +83,25 @@ def test_right_padded_rows_without_a_mask_score_like_each_sequence_alone():
     together, _ = sequence_logps(model.eval(), batch)
     alone = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=1, device="cpu")  # no padding
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_one_token_answers_to_shared_prompts_score_like_each_sequence_alone():
+    """paraphrase: " yes" and " no" after the same prompt are scored from one forward of it."""
+    from prefnb.logprobs import score_all, score_pairs
+
+    model, tokenizer = models.build_tiny(0)
+    bpe_like = [encode(tokenizer, p, a, max_length=512, add_eos=False) for p in PROMPTS for a in ("y", "n")]
+    assert all(e.n_response == 1 for e in bpe_like)  # byte tokens: one-letter answers are one token
+    alone = torch.cat([score_all(model, [e], pad_id=tokenizer.pad_token_id, batch_size=1, device="cpu")
+                       for e in bpe_like])
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                           with_kwargs=True)
+    together = score_all(model, bpe_like, pad_id=tokenizer.pad_token_id, batch_size=2, device="cpu")
+    hook.remove()
+    assert sum(rows) == len(PROMPTS)  # one row per prompt, not per answer
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    chosen, rejected = score_pairs(model, bpe_like[0::2], bpe_like[1::2], pad_id=tokenizer.pad_token_id,
+                                   batch_size=4, device="cpu")
+    torch.testing.assert_close(torch.cat([chosen, rejected]), torch.cat([alone[0::2], alone[1::2]]),
+                               rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from prefnb.grid import experiment_files, expand
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXPERIMENTS = ["01_sft", "02_dpo", "03_staged", "04_reference_strength", "05_lora_vs_fft", "06_dpo_variants",
+EXPERIMENTS = ["00_baselines", "01_sft", "02_dpo", "03_staged", "04_reference_strength", "05_lora_vs_fft", "06_dpo_variants",
                "07_sft_objectives"]
 
 
@@ -70,7 +70,7 @@ def test_notebook_defaults_are_valid_params():
         assert params.experiment == path.stem
 
 
-@pytest.mark.parametrize("profile", ["smoke", "gpt2"])
+@pytest.mark.parametrize("profile", ["smoke", "gpt2", "smollm2"])
 def test_every_experiment_names_an_existing_notebook(profile):
     study = expand(ROOT, profile)
     notebooks = {r.notebook for r in study.runs}

