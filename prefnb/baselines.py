@@ -27,25 +27,31 @@ from prefnb.rundir import atomic_write_json, now_iso
 
 
 def majority_metrics(task: data_lib.TaskData) -> dict[str, float]:
-    """Paraphrase: accuracy and F1 on dev of always answering the training split's majority label."""
+    """Paraphrase: accuracy and F1 of always answering the training split's majority label,
+    on the selection (``eval/…``) and report (``test/…``) splits."""
     if task.task != "paraphrase":
         return {}
     answers = Counter(r["completion"].strip() for r in task.train_sft)
     majority = int(answers.most_common(1)[0][0] == data_lib.ANSWERS[True].strip())
-    labels = [int(r["label"]) for r in task.dev_eval]
-    predictions = [majority] * len(labels)
-    return {"eval/majority_accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(labels),
-            "eval/majority_f1": evaluate.binary_f1(predictions, labels)}
+    metrics = {}
+    for split, rows in (("eval", task.eval_rows), ("test", task.test_rows)):
+        labels = [int(r["label"]) for r in rows]
+        if labels:
+            predictions = [majority] * len(labels)
+            metrics[f"{split}/majority_accuracy"] = sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+            metrics[f"{split}/majority_f1"] = evaluate.binary_f1(predictions, labels)
+    return metrics
 
 
 def zero_shot(params: RunParams) -> dict[str, float]:
-    """Evaluate the starting model (``model`` or ``init_from``) as it is; write the run directory.
+    """Evaluate the starting model (``model`` or ``init_from``) as it is, on the selection and
+    the report split; write the run directory.
 
     Training keys (objective, steps, learning rate) are ignored; data, evaluation and
     prompt-format keys mean what they mean for a training run. The completion marker is
     the caller's (the study), as for :func:`prefnb.train.train`.
     """
-    from prefnb.train import run_evaluation  # the same evaluation a trained run gets
+    from prefnb.train import HeldOut, run_evaluation  # the same evaluation a trained run gets
 
     started, started_at = time.perf_counter(), now_iso()
     out_dir = params.resolved_output_dir()
@@ -57,9 +63,13 @@ def zero_shot(params: RunParams) -> dict[str, float]:
     model.to(device).eval()
     task = apply_prompt_format(task, tokenizer, params.prompt_format)
     encoders = Encoders.shared(tokenizer, params.max_length, ADD_EOS[params.task])
-    unpaired = dataclasses.replace(task, dev_pairs=[])  # no reference to rank against: see the module docstring
     eval_started = time.perf_counter()
-    metrics = run_evaluation(model, tokenizer, unpaired, params, encoders, (torch.zeros(0), torch.zeros(0)), device)
+    metrics: dict[str, float] = {}
+    no_reference = (torch.zeros(0), torch.zeros(0))
+    for name, rows in (("eval", task.eval_rows), ("test", task.test_rows)):
+        # no pairs: there is no reference to rank against (see the module docstring)
+        metrics.update(run_evaluation(model, tokenizer, HeldOut(name, rows, [], no_reference), params, encoders,
+                                      device))
     metrics.update(majority_metrics(task))
     _, total = models.count_parameters(model)
     metrics.update({"eval/seconds": time.perf_counter() - eval_started, "train/steps": 0,

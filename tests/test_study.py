@@ -74,6 +74,7 @@ def test_smoke_covers_every_kind(smoke):
 def test_gpt2_is_the_full_grid(gpt2):
     runs = gpt2.runs
     per = Counter(r.experiment for r in runs)
+    assert per["00_baselines"] == 2 * 2  # task x {base, instruct}: evaluation only, no seed
     assert per["01_sft"] == 2 * 2 * 3 and per["02_dpo"] == 12 and per["03_staged"] == 12
     assert per["04_reference_strength"] == 2 * 10 * 4 * 3 + 2
     assert per["05_lora_vs_fft"] == 2 * 4 * 3 * 3
@@ -81,7 +82,7 @@ def test_gpt2_is_the_full_grid(gpt2):
     assert per["07_sft_objectives"] == 2 * (2 * 5 * 3 * 3)
     for group in {r.group for r in runs}:
         seeds = {r.params.seed for r in runs if r.group == group}
-        assert len(seeds) >= 3 or group == "04_reference_strength/strong_reference"
+        assert len(seeds) >= 3 or group in ("04_reference_strength/strong_reference", "00_baselines/zero_shot")
     assert {r.params.beta for r in runs if r.group == "04_reference_strength/sweep"} == {
         0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0, 10.0, 100.0}  # up to where Liu et al. 2025 found the best
     assert {r.params.lora_r for r in runs if r.experiment == "05_lora_vs_fft"} == {0, 4, 16, 64}
@@ -117,6 +118,20 @@ def test_train_size_is_not_confounded_with_epochs(gpt2, smoke, tmp_path):
         expand(_project(tmp_path / "c", experiment), "p")
 
 
+def test_smollm2_is_the_gpt2_grid_on_the_embedded_model(gpt2):
+    """Same experiments, groups and coordinates; the instruction-tuned start is the same weights in chat format."""
+    smollm2 = expand(ROOT, "smollm2")
+    def coordinates(study):
+        return Counter((r.group, tuple(sorted((k, str(v)) for k, v in r.labels.items()))) for r in study.runs)
+    assert coordinates(smollm2) == coordinates(gpt2)
+    assert {r.params.model for r in smollm2.runs} == {"smollm2-135m-instruct"}
+    instruct = [r for r in smollm2.runs if r.labels.get("scenario") == "instruct" or
+                r.labels.get("starting_model") == "instruct"]
+    assert instruct and all(r.params.prompt_format == "chat" for r in instruct)
+    assert {r.params.prompt_format for r in smollm2.runs if r not in instruct} == {"plain"}
+    _ordered(smollm2)
+
+
 def test_gpt2_list_is_offline_and_light():
     """`--list` expands ~1000 runs without importing torch or touching the network."""
     code = ("import sys; from prefnb import cli; rc = cli.main(['study', '--profile', 'gpt2', '--list']); "
@@ -126,7 +141,7 @@ def test_gpt2_list_is_offline_and_light():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()  # the header goes to stderr: `--list | cut -f1` gives run ids only
     assert len(lines) == len(expand(ROOT, "gpt2").runs) and out.stderr.startswith("# run_id")
-    run_id, experiment, status, params = lines[0].split("\t")
+    run_id, experiment, status, params = next(line for line in lines if "\t01_sft\t" in line).split("\t")
     assert experiment == "01_sft" and status == "pending" and "seed=0" in params
 
 
