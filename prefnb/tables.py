@@ -34,7 +34,8 @@ IRW_TOTAL = "test/implicit_reward_accuracy_total"  # against the base model the 
 _NAMES = {"accuracy": "accuracy", "f1": "F1", "chrf": "chrF", "chrf_full": "chrF (whole sonnet)",
           "chrf_sampled": "chrF (sampled)", "chrf_full_sampled": "chrF (whole sonnet, sampled)",
           "implicit_reward_accuracy": "implicit-reward acc.",
-          "implicit_reward_accuracy_total": "implicit-reward acc. vs base model", "loss": "held-out NLL"}
+          "implicit_reward_accuracy_total": "implicit-reward acc. vs base model", "loss": "held-out NLL",
+          "majority_accuracy": "majority-class accuracy", "majority_f1": "majority-class F1"}
 METRIC_LABELS = {
     **{f"test/{k}": f"{v} (test)" for k, v in _NAMES.items()},
     **{f"eval/{k}": f"{v} (selection)" for k, v in _NAMES.items()},
@@ -48,6 +49,8 @@ SCENARIOS = {"after_sft": "after SFT", "no_sft": "no SFT", "instruct": "instruct
 QUALITY = ["test_quality", IRW]
 _TASK_EXTRAS = ["test/f1", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled"]
 SUMMARY = {
+    "00_baselines": (["task", "label_starting_model", "prompt_format"],
+                     ["test_quality", "test/f1", "test/chrf_full", "test/majority_accuracy", "test/majority_f1"]),
     "01_sft": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS]),
     "02_dpo": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS, IRW]),
     "03_staged": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS, IRW, IRW_TOTAL]),
@@ -143,7 +146,8 @@ def _metric_spec(metric: str, task: str) -> tuple[str, str]:
 
 
 HEADERS = {"reference_kind": "reference", "sft_objective": "SFT objective", "sft_lr_scale": "SFT learning rate",
-           "train_size": "train fraction", "max_steps": "steps", "beta": "β", "tuning": "fine-tuning"}
+           "train_size": "train fraction", "max_steps": "steps", "beta": "β", "tuning": "fine-tuning",
+           "label_starting_model": "starting model", "prompt_format": "prompt format"}
 
 
 def summary_table(df: pd.DataFrame, experiment: str, task: str) -> pd.DataFrame:

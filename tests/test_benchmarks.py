@@ -21,6 +21,18 @@ def test_matmul_parameters_are_the_model_minus_position_embeddings(size):
     assert matmul_parameters(config.to_dict()) == total - model.transformer.wpe.weight.numel()
 
 
+def test_matmul_parameters_of_smollm2_are_the_model_with_its_tied_head_once():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.work import SMOLLM2_135M
+
+    config = LlamaConfig(**SMOLLM2_135M)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())  # the tied head counted once; RoPE has no parameters
+    assert matmul_parameters(config.to_dict()) == total and 134e6 < total < 135e6
+
+
 def test_training_flops_add_6n_per_token_and_quadratic_attention():
     config = dict(n_layer=2, n_embd=8, vocab_size=10, n_positions=16)
     n = matmul_parameters(config)
@@ -81,9 +93,11 @@ def test_results_page_marks_a_device_never_measured_as_owed(tmp_path):
     report["device"].update(name="test cpu", cores=2, threads=2, peak_flops=1e10, peak_flops_source="measured")
     (tmp_path / "cpu.json").write_text(json.dumps(report))
     page = markdown.results_page(tmp_path)
-    gpu, cpu = page.split("## GPU")[1].split("## CPU")
+    gpu, cpu = page.split("## GPU", 1)[1].split("## CPU")
     owed = [line for line in gpu.splitlines() if line.rstrip(" |").endswith("| not measured")]
-    assert "Not yet measured" in gpu and len(owed) == 2 * 9 + 1 and "| met |" not in gpu
+    # both GPU models owed: GPT-2 124M and SmolLM2-135M, 2 tasks x 9 targets + the sweep each
+    assert "Not yet measured" in gpu and len(owed) == 2 * (2 * 9 + 1) and "| met |" not in gpu
+    assert "`gpt2-124m`" in gpu and "`smollm2-135m`" in gpu
     assert "test cpu" in cpu and cpu.count("| met |") == 6 and "3.50×" in cpu
 
 
