@@ -42,7 +42,7 @@ def smollm2():
 
 def task_rows(real_data_dir, task: str, **keys):
     params = resolve_params([("test", {"task": task, "data_dir": str(real_data_dir), "max_train_examples": 64,
-                                       "max_eval_examples": 12, **keys})])
+                                       "max_eval_examples": 12, "max_test_examples": 12, **keys})])
     return load_task(params)
 
 
@@ -133,7 +133,7 @@ def _dpo_first_loss(run_dir) -> float:
 
 
 DPO_RUN = dict(model=PRESET, task="paraphrase", objective="dpo", lora_r=8, max_train_examples=2, max_eval_examples=2,
-               batch_size=2, max_steps=1, log_every=1, max_length=256, eval_batch_size=4)
+               max_test_examples=2, batch_size=2, max_steps=1, log_every=1, max_length=256, eval_batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_dpo_starts_at_ln2_under_bf16_autocast(dpo_first_losses):
 
 def test_a_generated_sonnet_continuation_is_text_scored_by_chrf(smollm2, real_data_dir):
     model, tokenizer = smollm2
-    rows = task_rows(real_data_dir, "sonnets").dev_eval[:1]
+    rows = task_rows(real_data_dir, "sonnets").eval_rows[:1]
     [text] = evaluate.generate(model, tokenizer, [rows[0]["prompt"]], max_new_tokens=32, greedy=True, top_p=1.0,
                                temperature=1.0, seed=0, batch_size=1, max_length=512, device="cpu")
     assert sum(c.isalpha() for c in text) > 20, text  # words, not padding or special tokens
@@ -181,7 +181,7 @@ def test_chat_format_wraps_prompts_in_the_template_and_keeps_token_boundaries(sm
 
     _, tokenizer = smollm2
     task = apply_prompt_format(task_rows(real_data_dir, "paraphrase"), tokenizer, "chat")
-    pair, row = task.train_pairs[0], task.dev_eval[0]
+    pair, row = task.train_pairs[0], task.eval_rows[0]
     assert pair["prompt"].startswith("<|im_start|>") and pair["prompt"].endswith("<|im_start|>assistant\n")
     assert {pair["chosen"], pair["rejected"]} == {"yes", "no"} and row["answers"] == ["yes", "no"]
     assert row["plain_prompt"] in row["prompt"]
