@@ -70,7 +70,7 @@ def test_notebook_defaults_are_valid_params():
         assert params.experiment == path.stem
 
 
-@pytest.mark.parametrize("profile", ["smoke", "gpt2", "laptop", "smollm2"])
+@pytest.mark.parametrize("profile", ["smoke", "gpt2", "smollm2"])
 def test_every_experiment_names_an_existing_notebook(profile):
     study = expand(ROOT, profile)
     notebooks = {r.notebook for r in study.runs}

@@ -132,6 +132,22 @@ def test_smollm2_is_the_gpt2_grid_on_the_embedded_model(gpt2):
     _ordered(smollm2)
 
 
+def test_laptop_is_baselines_and_sonnets_lora_at_three_seeds():
+    """The 2-hour CPU grid (params/profiles/laptop.yaml says why): 00_baselines in full, then
+    01-03 on sonnets with LoRA at seeds 0-2, every run on the embedded SmolLM2 with both splits capped."""
+    laptop = expand(ROOT, "laptop")
+    per = Counter(r.experiment for r in laptop.runs)
+    assert per == {"00_baselines": 4, "01_sft": 3, "02_dpo": 3, "03_staged": 3}
+    trained = [r for r in laptop.runs if r.experiment != "00_baselines"]
+    assert {(r.params.task, r.params.lora_r > 0) for r in trained} == {("sonnets", True)}
+    for experiment in ("01_sft", "02_dpo", "03_staged"):
+        assert {r.params.seed for r in trained if r.experiment == experiment} == {0, 1, 2}
+    assert {r.params.model for r in laptop.runs} == {"smollm2-135m-instruct"}
+    assert all(r.params.max_eval_examples and r.params.max_test_examples for r in laptop.runs)
+    assert all(r.notebook.is_file() for r in laptop.runs)
+    _ordered(laptop)
+
+
 def test_gpt2_list_is_offline_and_light():
     """`--list` expands ~1000 runs without importing torch or touching the network."""
     code = ("import sys; from prefnb import cli; rc = cli.main(['study', '--profile', 'gpt2', '--list']); "
