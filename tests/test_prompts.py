@@ -20,7 +20,7 @@ def test_plain_is_the_task_unchanged_and_chat_needs_a_template(real_data_dir):
 def test_cli_reports_a_chat_format_without_template_in_one_line(tmp_path, capsys):
     from prefnb.cli import main
 
-    code = main(["train", "--no-progress", "--set", "prompt_format=chat", "--set", "max_steps=1",
+    code = main(["train", "--no-progress", "--set", "prompt_format=chat", "--set", "max_steps=1", "--set", "batch_size=2",
                  "--set", "max_train_examples=4", "--set", "max_eval_examples=4",
                  "--set", f"output_dir={tmp_path / 'run'}", "--set", f"cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err.strip().splitlines()
