@@ -36,8 +36,12 @@ HISTORY_PANELS = {  # panel -> history columns drawn in it
     "accuracy": ["rewards/accuracies", "eval/accuracy", "eval/implicit_reward_accuracy"],
     "chrF": ["eval/chrf", "eval/chrf_full"],
 }
-TABLE_METRICS = ("eval/accuracy", "eval/f1", "eval/majority_accuracy", "eval/majority_f1", "eval/chrf", "eval/chrf_full",
-                 "eval/implicit_reward_accuracy", "train/loss", "train/seconds", "train/tokens_per_second", "train/peak_memory_bytes", "best_step")
+# The report split first (what the paper quotes), then the selection split's key metrics
+# (what picked the checkpoint), then the costs of training alone.
+TABLE_METRICS = ("test/accuracy", "test/f1", "test/majority_accuracy", "test/majority_f1", "test/chrf",
+                 "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled", "test/implicit_reward_accuracy",
+                 "test/implicit_reward_accuracy_total", "eval/accuracy", "eval/chrf", "eval/implicit_reward_accuracy",
+                 "best_step", "train/loss", "train/seconds", "train/tokens_per_second", "train/peak_memory_bytes")
 
 
 def params_from_namespace(namespace: Mapping[str, Any], source: str = "notebook parameters") -> RunParams:

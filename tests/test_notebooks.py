@@ -82,3 +82,15 @@ def test_every_experiment_names_an_existing_notebook(profile):
 def test_gitattributes_uses_nbdime():
     text = (ROOT / ".gitattributes").read_text()
     assert "*.ipynb diff=jupyternotebook merge=jupyternotebook" in text
+
+
+def test_metrics_table_shows_the_report_split_before_the_selection_split():
+    """A notebook's table leads with the reported `test/…` metrics, then the `eval/…` metric that
+    selected the checkpoint; names a run did not produce are left out."""
+    from prefnb.config import RunParams
+    from prefnb.notebook import metrics_table
+
+    metrics = {"eval/accuracy": 0.7, "test/f1": 0.4, "test/accuracy": 0.6, "best_step": 8, "train/seconds": 1.0}
+    table = metrics_table(RunParams(), metrics)
+    assert list(table.columns) == ["test/accuracy", "test/f1", "eval/accuracy", "best_step", "train/seconds"]
+    assert table.loc["this run", "test/accuracy"] == 0.6
