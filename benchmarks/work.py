@@ -152,7 +152,7 @@ def prefnb_params(work: Work, *, output_dir: Path, cache_dir: Path, beta: float 
     return RunParams(
         experiment="benchmark", task=work.task, rejected_source="other", model=str(model_dir(work.model)),
         objective=work.kind if work.kind == "dpo" else "sft", beta=beta, max_train_examples=work.examples,
-        max_eval_examples=8, max_new_tokens=16, batch_size=work.batch_size, max_steps=work.steps,
+        max_eval_examples=8, max_test_examples=8, max_new_tokens=16, batch_size=work.batch_size, max_steps=work.steps,
         max_length=work.max_length, learning_rate=work.learning_rate, lr_schedule="linear", warmup_steps=0,
         precision=work.precision, log_every=work.log_every, output_dir=str(output_dir), cache_dir=str(cache_dir))
 

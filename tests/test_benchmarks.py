@@ -132,3 +132,13 @@ def test_repeated_rounds_report_medians_and_each_rounds_ratio():
     # 4 ÷ 1.5 of the medians; rounds: 3 ÷ 1.5, 4 ÷ 1, 5 ÷ 2
     assert markdown._ratio(ours, theirs, "steady_steps_per_second") == "2.67× (2.00–4.00)"
     assert markdown._ratio(rounds(3.0), rounds(1.5), "steady_steps_per_second") == "2.00×"  # one round: no range
+
+
+def test_prefnb_side_evaluates_a_few_examples_of_each_held_out_split(tmp_path):
+    """The benchmark times training: prefnb's end-of-run evaluation must stay a few examples on
+    the selection AND the report split (uncapped, the Quora test split alone is 1,721 pairs)."""
+    from benchmarks.work import prefnb_params
+
+    work = Work(model="tiny", task="paraphrase", kind="sft", batch_size=2, steps=3)
+    params = prefnb_params(work, output_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert 0 < params.max_eval_examples <= 8 and 0 < params.max_test_examples <= 8
