@@ -30,13 +30,17 @@ class PreflightError(ParamsError):
     """A value the data or the machine cannot serve; one line naming the key."""
 
 
-def check(params: RunParams, out_dir: Path, cache_dir: Path) -> None:
-    """Raise PreflightError (or the loaders' DataError / ModelLoadError) before any work."""
+def check(params: RunParams, out_dir: Path, cache_dir: Path):
+    """Raise PreflightError (or the loaders' DataError / ModelLoadError) before any work.
+
+    Returns the run's task data (`prefnb.data.TaskData`), which the batch check had to load:
+    the run uses it rather than loading it a second time."""
     check_writable(out_dir, "output_dir")
     check_writable(cache_dir, "cache_dir")
     check_precision(params)
-    check_batch(params)
+    task = check_batch(params)
     check_model(params)
+    return task
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,9 +77,10 @@ def check_precision(params: RunParams) -> None:
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------
-def check_batch(params: RunParams) -> None:
-    """The training split must fill one optimizer step without repeating an example in it."""
-    from prefnb.data import load_task  # the per-process parse cache makes train()'s own load free
+def check_batch(params: RunParams):
+    """The training split must fill one optimizer step without repeating an example in it.
+    Returns the loaded task data."""
+    from prefnb.data import load_task
 
     task = load_task(params)
     n_train = len(task.train_pairs if params.is_preference and task.train_pairs is not None else task.train_sft)
@@ -85,6 +90,7 @@ def check_batch(params: RunParams) -> None:
                              f"{per_step} examples per step, but the {params.task} training split has {n_train} "
                              f"(train_size {params.train_size:g}, max_train_examples {params.max_train_examples}); "
                              "lower batch_size or use more data")
+    return task
 
 
 # ---------------------------------------------------------------------------------------

@@ -194,7 +194,9 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the run's own progress
     out_dir = params.resolved_output_dir()
     cache_dir = Path(params.cache_dir) if params.cache_dir else out_dir.parent.parent / ".cache"
-    preflight.check(params, out_dir, cache_dir)  # values the data or machine cannot serve: fail before allocating
+    # Values the data or machine cannot serve fail here, before anything is allocated; the
+    # check loads the task data, which the run then uses.
+    task = preflight.check(params, out_dir, cache_dir)
     try:
         accelerator = Accelerator(mixed_precision=_mixed_precision(params),
                                   gradient_accumulation_steps=params.grad_accum_steps)
@@ -213,7 +215,6 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     seed_everything(params.seed)
 
     # --- data and the starting policy ----------------------------------------------------
-    task = data_lib.load_task(params)
     start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
     start_model.to(device)
     task = apply_prompt_format(task, tokenizer, params.prompt_format)
