@@ -194,16 +194,21 @@ def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: E
 def sampled_rejections(params: RunParams, start_model, tokenizer, rows, *, cache_dir: Path, start_identity: str,
                        device) -> list[tuple[str, bool]]:
     """On-policy rejected continuations: top-p samples of the starting (reference/SFT) model,
-    each with whether the model emitted EOS (`prefnb.data.sonnet_sampled_pairs` trims them)."""
-    # version 2: the value holds (text, emitted EOS) pairs, not bare texts.
-    key = cache_key(version=2, model=start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
+    each with whether the model emitted EOS (`prefnb.data.sonnet_sampled_pairs` trims them).
+
+    They are training data, so they are drawn with ``data_seed`` (the seed that fixes the splits),
+    not the run's ``seed``: every run from the same starting model shares one set, whatever its
+    training seed, and the seeds of a study vary initialisation and data order only."""
+    # version 3: sampled with data_seed (version 2 used the run's seed).
+    key = cache_key(version=3, model=start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
                     max_new_tokens=params.max_new_tokens, top_p=params.top_p, temperature=params.temperature,
-                    seed=params.seed, max_length=params.max_length)
+                    data_seed=params.data_seed, max_length=params.max_length)
 
     def compute():
         return evaluate.generate_with_ends(
             start_model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens, greedy=False,
-            top_p=params.top_p, temperature=params.temperature, seed=params.seed, batch_size=params.eval_batch_size,
+            top_p=params.top_p, temperature=params.temperature, seed=params.data_seed,
+            batch_size=params.eval_batch_size,
             max_length=params.max_length, device=device)
 
     value, hit = cached(cache_dir, "sampled_rejections", key, compute)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,22 @@ def test_sonnets_sft_then_dpo_with_sampled_rejections(tmp_path):
                       max_train_examples=8, max_eval_examples=3)
     train_mod.train(dpo, progress=False)
     assert list((tmp_path / "cache" / "sampled_rejections").glob("*.pt"))
+
+
+def test_sampled_rejections_are_shared_across_training_seeds(tmp_path, caplog):
+    """Rejections are data (drawn with data_seed): a second training seed from the same SFT model
+    reuses the first one's samples instead of generating its own."""
+    sft = make_params(tmp_path, "s_sft", task="sonnets", max_steps=2, max_train_examples=4, max_eval_examples=2,
+                      max_test_examples=2)
+    train_mod.train(sft, progress=False)
+    for seed in (0, 1):
+        dpo = make_params(tmp_path, f"s_dpo{seed}", task="sonnets", objective="dpo", init_from=sft.output_dir, max_steps=1, seed=seed,
+                          max_train_examples=4, max_eval_examples=2, max_test_examples=2)
+        with caplog.at_level(logging.INFO, logger="prefnb"):
+            caplog.clear()
+            train_mod.train(dpo, progress=False)
+    assert len(list((tmp_path / "cache" / "sampled_rejections").glob("*.pt"))) == 1
+    assert "sampled rejected continuations (4): cache hit" in caplog.text
 
 
 def test_cli_train_marks_finished_and_typos_fail_in_one_line(tmp_path, capsys):
