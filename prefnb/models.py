@@ -82,16 +82,22 @@ def load_pretrained(name: str):
     return model, _prepare_tokenizer(tokenizer)
 
 
+def pretrained_source(model: str) -> str:
+    """What transformers' ``from_pretrained`` reads for ``model``: an embedded preset's converted
+    folder (converting it on first use), else ``model`` itself (a hub id or a directory)."""
+    if model in embedded.EMBEDDED:
+        try:
+            return str(embedded.converted_dir(model))
+        except embedded.EmbeddedModelMissing as err:
+            raise ModelLoadError(str(err)) from None
+    return model
+
+
 def load_base(model: str, seed: int):
     """`tiny`, an embedded preset (`smollm2-135m-instruct`, from its PyPI package), a hub id or a directory."""
     if model == TINY:
         return build_tiny(seed)
-    if model in embedded.EMBEDDED:
-        try:
-            return load_pretrained(str(embedded.converted_dir(model)))
-        except embedded.EmbeddedModelMissing as err:
-            raise ModelLoadError(str(err)) from None
-    return load_pretrained(model)
+    return load_pretrained(pretrained_source(model))
 
 
 # ---------------------------------------------------------------------------------------

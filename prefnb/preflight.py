@@ -114,8 +114,8 @@ def _config(source: str):
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(source).to_dict()
-    except (OSError, ValueError):
+        return AutoConfig.from_pretrained(models.pretrained_source(source)).to_dict()
+    except (OSError, ValueError, models.ModelLoadError):
         return None
 
 
@@ -133,9 +133,9 @@ def _tokenizer(source: str):
     try:
         from transformers import AutoTokenizer
 
-        where = models.checkpoint_dir(source) if models.holds_checkpoint(source) else source
+        where = models.checkpoint_dir(source) if models.holds_checkpoint(source) else models.pretrained_source(source)
         return AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError):
+    except (OSError, ValueError, models.ModelLoadError):
         return None
 
 

@@ -187,3 +187,17 @@ def test_chat_format_wraps_prompts_in_the_template_and_keeps_token_boundaries(sm
         enc = encode(tokenizer, pair["prompt"], response, max_length=512, add_eos=True)
         assert list(enc.ids) == tokenizer(pair["prompt"] + response + "<|im_end|>", add_special_tokens=False).input_ids
         assert enc.n_response == 2 and enc.ids[-1] == tokenizer.eos_token_id
+
+
+def test_preflight_reads_the_embedded_presets_config_and_tokenizer(smollm2, monkeypatch):
+    """The preflight checks resolve the preset to its converted folder (offline), instead of
+    asking the hub for a model named "smollm2-135m-instruct" (retries, then no check at all)."""
+    from prefnb import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = smollm2
+    assert preflight._config(PRESET)["max_position_embeddings"] == model.config.max_position_embeddings
+    assert preflight._tokenizer(PRESET).get_vocab() == tokenizer.get_vocab()
+    params = resolve_params([("test", {"model": PRESET, "max_length": model.config.max_position_embeddings + 1})])
+    with pytest.raises(preflight.PreflightError, match="max_length"):
+        preflight.check_model(params)
