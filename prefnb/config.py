@@ -368,15 +368,17 @@ def params_root() -> Path:
     return find_project() / "params"
 
 
-def profile_path(profile: str | Path) -> Path:
-    """A profile name (`smoke`, `gpt2`) or a path to a YAML file."""
+def profile_path(profile: str | Path, project: str | Path | None = None) -> Path:
+    """A profile name (`smoke`, `gpt2`: in <project>/params/profiles, the project found from the
+    working directory by default) or a path to a YAML file."""
     p = Path(profile)
     if p.suffix in (".yaml", ".yml"):
         return p
-    candidate = params_root() / "profiles" / f"{profile}.yaml"
+    folder = (Path(project) / "params" if project else params_root()) / "profiles"
+    candidate = folder / f"{profile}.yaml"
     if not candidate.is_file():
-        known = sorted(q.stem for q in (params_root() / "profiles").glob("*.yaml"))
-        raise ParamsError(f"profile '{profile}' not found in {candidate.parent} (known: {', '.join(known)})")
+        known = sorted(q.stem for q in folder.glob("*.yaml"))
+        raise ParamsError(f"profile '{profile}' not found in {folder} (known: {', '.join(known) or 'none'})")
     return candidate
 
 

@@ -46,16 +46,10 @@ SEC_HEADER = re.compile(r"^#+[ \t]+(?P<title>.*?)[ \t]*\{#(?P<id>sec-[\w-]+)[^}]
 CROSSREF = re.compile(r"@((?:fig|tbl|sec)-[\w-]*\w)")
 
 
-class PaperError(Exception):
-    """The paper cannot be built or rendered; the message says what to do."""
-
-
 def _user_error(message: str) -> Exception:
-    try:
-        from prefnb.cli import UserError
-        return UserError(message)
-    except ImportError:  # pragma: no cover
-        return PaperError(message)
+    from prefnb.cli import UserError  # here, not at the top: prefnb.cli imports this module
+
+    return UserError(message)
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,7 +330,7 @@ def require_runs(outputs: Path) -> None:
         raise _user_error(f"no finished runs under {outputs}: run `prefnb study` first (or pass --outputs DIR)")
 
 
-def _cmd_paper(args: argparse.Namespace) -> int:
+def cmd_paper(args: argparse.Namespace) -> int:
     from prefnb.preflight import check_writable
 
     outputs = Path(args.outputs or outputs_dir())
@@ -354,7 +348,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace) -> int:
     require_runs(Path(args.outputs or outputs_dir()))
     problems, notes = verify(args.outputs, args.paper), []
     if args.html is not None:
@@ -370,22 +364,3 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"  {note}")
     return 0
-
-
-def register(subparsers) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--outputs", default=None,
-                        help="the study's outputs folder (default: outputs/ of the project found from here)")
-    common.add_argument("--paper", default=None,
-                        help="the Quarto project (default: paper/ of the project found from here)")
-    p = subparsers.add_parser("paper", parents=[common], help="build figures/tables from outputs and render the paper",
-                              description=__doc__.split("\n\n")[1])
-    p.add_argument("--engine", choices=("auto", "quarto", "pandoc"), default="auto",
-                   help="auto: Quarto if on PATH, else a pandoc HTML preview")
-    p.add_argument("--no-render", action="store_true", help="only build the report and the paper's inputs")
-    p.set_defaults(func=_cmd_paper)
-    v = subparsers.add_parser("verify", parents=[common], help="fail if the paper's generated inputs are stale")
-    v.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
-                   help="also check the rendered paper (default: paper/_output or paper/_preview index.html): every "
-                        "figure and table present, every image decodes and loads in headless Chromium (if installed)")
-    v.set_defaults(func=_cmd_verify)

@@ -223,7 +223,7 @@ def _cell_of(rows: pd.DataFrame, metric: str) -> str:
     return (cell(rows[metric].astype(float), ".3f") or "n/a") if metric in rows and len(rows) else "n/a"
 
 
-TRAIN_SIZE_DESIGNS = {  # prefnb.grid_files: train_size_design
+TRAIN_SIZE_DESIGNS = {  # prefnb.grid: train_size_design
     "fixed_epochs": "fixed epochs (the step budget shrinks with the training fraction, at least one step)",
     "fixed_steps": "fixed steps (every training fraction gets the same number of steps)",
 }

@@ -17,7 +17,6 @@ looks finished: the next `prefnb study` redoes exactly the unfinished ones.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -271,11 +270,9 @@ def _note_strays(study: Study, runs: list[Run]) -> None:
 
 
 def _build_report(study: Study) -> bool:
-    """Tables and figures from the outputs, when prefnb.report is there; False if it fails."""
-    try:
-        from prefnb.report import build_report
-    except ImportError:
-        return True
+    """Tables and figures from the outputs; False if that fails."""
+    from prefnb.report import build_report
+
     try:
         result = build_report(study.outputs)
     except Exception as err:  # noqa: BLE001
@@ -288,34 +285,4 @@ def _build_report(study: Study) -> bool:
     return True
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="smoke", help="profile: smoke (default), gpt2, or a YAML path")
-    p.add_argument("--outputs", default=None, metavar="DIR", help="outputs folder (default: <project>/outputs)")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
-    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
-                   help="runs at a time in this process (default: the profile's study.jobs, else 1)")
-    p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    p.add_argument("--project", default=None, metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--params-dir", default=None, metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--notebooks-dir", default=None, metavar="DIR", help=argparse.SUPPRESS)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("study", help="run the study: every experiment's notebook over its grid",
-                              description=__doc__.splitlines()[0])
-    _add_common(p)
-    p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
-                   help="only these experiments (and the runs they depend on)")
-    p.add_argument("--list", action="store_true",
-                   help="print one tab-separated line per run (id, experiment, status, params) and exit")
-    p.add_argument("--run", dest="run_id", default=None, metavar="RUN_ID",
-                   help="run one run (its unfinished dependencies first)")
-    p.set_defaults(func=cmd_study)
-
-    r = subparsers.add_parser("run", help="run one study run by id (= study --run RUN_ID)")
-    r.add_argument("run_id", metavar="RUN_ID")
-    _add_common(r)
-    r.set_defaults(func=cmd_study, only=None, list=False)
-
-
-__all__ = ["run_all", "summary_table", "list_runs", "register"]
+__all__ = ["run_all", "summary_table", "list_runs", "cmd_study"]

@@ -77,7 +77,7 @@ def test_study_paper_verify_in_a_second_clone_use_its_outputs_and_paper(clone, m
 
 def test_train_without_output_dir_writes_under_the_projects_outputs(clone, monkeypatch):
     """`prefnb train` from a subfolder of a project: outputs/<experiment>/<run id> of that project."""
-    from prefnb.train_cli import sweep_params
+    from prefnb.cli import sweep_params
 
     monkeypatch.chdir(clone / "notebooks")
     [params] = sweep_params([], ["experiment=mine"], [])
