@@ -26,7 +26,8 @@ Experiment file (``params/<experiment>.yaml``; the file name is the experiment n
 
 Values of keys
 - ``use: NAME`` (or a list of names): the profile's ``study.presets.NAME`` keys, applied
-  before the mapping's own keys (presets may ``use`` other presets and hold dependencies).
+  before the mapping's own keys (presets may ``use`` other presets and hold dependencies:
+  the smoke profile's stand-in for an instruction-tuned model is a run of its own study).
 - ``<key>_scale: x`` for a numeric RunParams key (e.g. ``learning_rate_scale``,
   ``max_steps_scale``): multiplies that key's resolved value (ints are rounded, at least 1).
   It may be an axis (07: SFT learning rate 1×, ¼×, 1/16×). The last one set wins.
@@ -62,7 +63,7 @@ Profile (``params/profiles/<name>.yaml``): flat RunParams keys, then ``study:``:
           some_group: {skip: true}
         # an override's `base` is merged key by key; `grid` replaces the axes it names
         # (`null` removes one; a list of labels keeps those of a named axis). `extends` copies
-        # the group as the profile left it so far (so it keeps that group's overrides).
+        # the group as the profile left it so far: its overrides, and only the labels they kept.
 
 Order of layers for one run (later wins): RunParams defaults → profile keys →
 ``study.tasks.<task>`` → group base (presets first) → grid axes in order → keys copied by
@@ -301,10 +302,8 @@ class _Group:
         return f"{self.experiment}/{self.name}"
 
 
-def _apply_override(spec: dict, override: dict, source: str, *, global_grid: bool = False,
-                    original: dict | None = None) -> dict:
-    """``spec`` with a profile's override applied; labels of named axes are looked up in
-    ``original`` (the file's group), so a group made with `extends` may pick any of them."""
+def _apply_override(spec: dict, override: dict, source: str, *, global_grid: bool = False) -> dict:
+    """``spec`` with a profile's override applied (a list for a named axis picks its labels)."""
     spec = copy.deepcopy(spec)
     spec.update({k: override[k] for k in ("description", "notebook", "train_size_design") if k in override})
     if override.get("base"):
@@ -321,7 +320,7 @@ def _apply_override(spec: dict, override: dict, source: str, *, global_grid: boo
         if values is None:
             grid.pop(axis, None)
             continue
-        full = ((original or {}).get("grid") or {}).get(axis, grid.get(axis))
+        full = grid.get(axis)
         if isinstance(full, dict) and isinstance(values, list):  # a subset of a named axis' labels
             unknown = [label for label in values if label not in full]
             if unknown:
@@ -359,7 +358,6 @@ def _load_groups(project: Path, params_dir: Path, notebooks_dir: Path, study: di
         exp_over = overrides.get(exp) or {}
         if not isinstance(exp_over, dict):
             raise ParamsError(f"{profile_src}: study.experiments.{exp} must be a mapping of group -> override")
-        original = copy.deepcopy(specs)  # the file's groups, before any override
         if global_grid:
             specs = {name: _apply_override(spec, {"grid": global_grid}, f"{profile_src}: study.grid", global_grid=True)
                      for name, spec in specs.items()}
@@ -371,14 +369,13 @@ def _load_groups(project: Path, params_dir: Path, notebooks_dir: Path, study: di
                 if over["extends"] not in specs:
                     raise ParamsError(f"{osrc}: key 'extends' names group '{over['extends']}', not in {src} "
                                       f"(groups: {', '.join(specs)})")
-                original[name] = original.get(over["extends"], {})
                 specs[name] = copy.deepcopy(specs[over["extends"]])
             elif name not in specs:
                 raise ParamsError(f"{osrc}: experiment {exp} has no group '{name}' (groups: {', '.join(specs)}); "
                                   "add `extends: GROUP` to make a new one")
             if over.get("skip"):
                 skip.add(name)
-            specs[name] = _apply_override(specs[name], over, osrc, original=original.get(name))
+            specs[name] = _apply_override(specs[name], over, osrc)
         groups += [_Group(exp, name, spec, f"{src}: groups.{name}", notebooks_dir / spec.get("notebook", data["notebook"]))
                    for name, spec in specs.items() if name not in skip]
     return groups

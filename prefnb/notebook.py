@@ -8,16 +8,20 @@ notebook then calls::
     metrics = prefnb.train.train(params, progress=prefnb.notebook.interactive())
     prefnb.notebook.plot_history(params)
     prefnb.notebook.metrics_table(params)
+    prefnb.notebook.study_figure(params)
+
+The notebooks share every other cell through one template (``tools/notebooks.py``).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from prefnb.config import FIELDS, RunParams, resolve_params
 from prefnb.rundir import read_metrics
@@ -26,6 +30,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 STUDY_ENV = "PREFNB_STUDY"  # set by `prefnb study` for the kernels it starts
+# The first line of every notebook's parameters cell (tools/notebooks.py writes it): how the
+# kernel's input history tells that cell apart. papermill's injected cell starts with INJECTED.
+PARAMETERS_HEADER = "# Parameters: plain values named like prefnb's RunParams (`prefnb params` lists them all)."
+INJECTED = "# Parameters\n"
 # tqdm.auto falls back to a text bar without ipywidgets; its warning says nothing useful here
 warnings.filterwarnings("ignore", message="IProgress not found")
 
@@ -44,9 +52,25 @@ TABLE_METRICS = ("test/accuracy", "test/f1", "test/majority_accuracy", "test/maj
                  "best_step", "train/loss", "train/seconds", "train/tokens_per_second", "train/peak_memory_bytes")
 
 
+def parameter_names(history: Sequence[str]) -> list[str] | None:
+    """The names assigned by the last run of the parameters cell and by papermill's injected
+    cell after it, from the kernel's input history (IPython's ``In``); None without one."""
+    starts = [i for i, source in enumerate(history) if source.startswith(PARAMETERS_HEADER)]
+    if not starts:
+        return None
+    names = []
+    for source in [history[starts[-1]]] + [s for s in history[starts[-1] + 1:] if s.startswith(INJECTED)]:
+        names += [t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                  for t in node.targets if isinstance(t, ast.Name)]
+    return names
+
+
 def params_from_namespace(namespace: Mapping[str, Any], source: str = "notebook parameters") -> RunParams:
-    """RunParams from the notebook's globals: every name that is a RunParams field (validated)."""
-    values = {name: namespace[name] for name in FIELDS if name in namespace}
+    """RunParams from the notebook's globals (validated): the names its parameters cell (and
+    papermill) assigned, so that a later cell's ``model = AutoModel…`` cannot break a rerun;
+    every RunParams name in the namespace where there is no input history (a script)."""
+    names = parameter_names(namespace.get("In") or [])
+    values = {name: namespace[name] for name in FIELDS if name in namespace and (names is None or name in names)}
     return resolve_params([(source, values)])
 
 
@@ -98,12 +122,9 @@ def plot_history(params_or_dir, *, save: bool = True):
     path = run_dir(params_or_dir) / "history.png"
     _atomic_savefig(fig, path)
     plt.close(fig)  # show the saved file rather than render the figure a second time
-    try:
-        from IPython.display import Image, display
+    from IPython.display import Image, display
 
-        display(Image(filename=str(path)))
-    except ImportError:
-        pass
+    display(Image(filename=str(path)))
     return fig
 
 
@@ -137,3 +158,35 @@ def metrics_table(params: RunParams, metrics: Mapping[str, float] | None = None)
 def interactive() -> bool:
     """False when `prefnb study` executes the notebook: no progress bars in its saved copy."""
     return not os.environ.get(STUDY_ENV)
+
+
+def study_figure(params: RunParams) -> list:
+    """The figures of this run's experiment (:data:`prefnb.figures.FIGURES`) over the finished
+    runs of the study whose outputs hold this run: the answer to the notebook's question so far.
+
+    Says so, instead of drawing, when no run of a figure has finished yet (this run counts once
+    it is ``COMPLETE``, after its notebook). A figure that cannot be drawn from a partial study
+    is reported on one line and does not fail the run: the study's report draws it again, and
+    fails there, from the whole study.
+    """
+    from prefnb import figures, report
+
+    outputs = run_dir(params).resolve().parent.parent
+    own = [f for f in figures.FIGURES if params.experiment in f.experiments]
+    if not own:
+        print(f"{params.experiment} has no study figure in prefnb.figures: the paper reads it as a table")
+        return []
+    df = report.collect_runs(outputs, save=False) if outputs.is_dir() else None
+    drawn = []
+    for figure in own:
+        rows = figure.select(df) if df is not None and len(df) else []
+        if not len(rows):
+            print(f"figure {figure.name}: no finished runs of {', '.join(figure.experiments)} under {outputs} yet")
+            continue
+        runs = f"{df['experiment'].isin(figure.experiments).sum()} finished runs of {', '.join(figure.experiments)}"
+        print(f"figure {figure.name}: {runs} under {outputs}")
+        try:
+            drawn.append(figure.draw(rows))
+        except Exception as err:  # noqa: BLE001 — see the docstring
+            print(f"figure {figure.name}: not drawn from the {runs}: {type(err).__name__}: {err}")
+    return drawn

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ast
+import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -94,3 +98,70 @@ def test_metrics_table_shows_the_report_split_before_the_selection_split():
     table = metrics_table(RunParams(), metrics)
     assert list(table.columns) == ["test/accuracy", "test/f1", "eval/accuracy", "best_step", "train/seconds"]
     assert table.loc["this run", "test/accuracy"] == 0.6
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "notebooks.py"), *args], capture_output=True, text=True)
+
+
+def test_notebooks_are_the_template_with_their_own_cells(tmp_path):
+    """The shared cells come from tools/notebooks.py: the committed notebooks match it, a drifted
+    shared cell fails --check, and --write restores it, keeping the notebook's own cells."""
+    check = _tool("--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    for path in NOTEBOOKS:
+        assert nbformat.read(path, as_version=4).cells[-1].source == "prefnb.notebook.study_figure(params);"
+    copy = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", copy)
+    nb = nbformat.read(copy / "02_dpo.ipynb", as_version=4)
+    setup = next(c for c in nb.cells if "params_from_namespace" in c.source)
+    setup.source = setup.source.replace("params_from_namespace(globals())", "RunParams()")
+    nbformat.write(nb, copy / "02_dpo.ipynb")
+    drift = _tool("--check", "--notebooks", str(copy))
+    assert drift.returncode == 1 and drift.stdout.strip() == "differs from the template: 02_dpo.ipynb", drift.stdout
+    assert _tool("--write", "--notebooks", str(copy)).returncode == 0
+    assert (copy / "02_dpo.ipynb").read_text() == (ROOT / "notebooks" / "02_dpo.ipynb").read_text()
+
+
+def test_a_later_cell_cannot_break_a_rerun():
+    """params_from_namespace reads the names the parameters cell (and papermill's injected cell)
+    assigned, not every RunParams name in the kernel: `reference = <a model>` in a later cell,
+    then Run All again, still gives the notebook's own run."""
+    from prefnb.notebook import params_from_namespace
+
+    nb = nbformat.read(ROOT / "notebooks" / "01_sft.ipynb", as_version=4)
+    parameters = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    setup = next(c.source for c in nb.cells if "params_from_namespace" in c.source)
+    later = "reference = object()  # e.g. a model loaded by hand\nbeta = 'strong'"
+    namespace: dict = {}
+    exec(parameters, namespace)  # noqa: S102 — the notebook's literal assignments
+    exec(later, namespace)  # noqa: S102
+    exec(parameters, namespace)  # noqa: S102 — Run All: the parameters cell again
+    namespace["In"] = ["", parameters, setup, later, parameters, setup]  # IPython's input history
+    params = params_from_namespace(namespace)
+    assert (params.experiment, params.reference, params.beta) == ("01_sft", "policy", None)
+    # run by papermill: the injected cell after the parameters cell counts too
+    injected = "# Parameters\nlearning_rate = 0.5\n"
+    exec(injected, namespace)  # noqa: S102
+    namespace["In"] = ["", parameters, injected, setup]
+    assert params_from_namespace(namespace).learning_rate == 0.5
+
+
+def test_study_figure_draws_the_finished_runs_and_says_when_there_are_none(tmp_path, capsys):
+    from test_report import _write_run
+
+    from prefnb.config import RunParams
+    from prefnb.notebook import study_figure
+
+    outputs = tmp_path / "outputs"
+    here = RunParams(experiment="03_staged", output_dir=str(outputs / "03_staged" / "this-run"))
+    assert study_figure(here) == []
+    assert "figure methods: no finished runs of 01_sft, 02_dpo, 03_staged under" in capsys.readouterr().out
+    rng = random.Random(0)
+    for seed in (0, 1):
+        _write_run(outputs, rng, experiment="01_sft", task="paraphrase", seed=seed)
+    _write_run(outputs, rng, experiment="03_staged", task="paraphrase", seed=0, finished=False)
+    (figure,) = study_figure(here)
+    assert figure.axes and "figure methods: 2 finished runs of 01_sft, 02_dpo, 03_staged" in capsys.readouterr().out
+    assert study_figure(RunParams(experiment="00_baselines", output_dir=str(outputs / "00_baselines" / "x"))) == []
+    assert "00_baselines has no study figure" in capsys.readouterr().out
