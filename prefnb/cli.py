@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--outputs", default=None,
-                        help="the study's outputs folder (default: outputs/ of the project found from here)")
+                        help=f"the study's outputs folder (default: ${paper.OUTPUTS_ENV} if set, as `prefnb paper` "
+                             "sets it for Quarto's pre-render, else outputs/ of the project found from here)")
     common.add_argument("--paper", default=None,
                         help="the Quarto project (default: paper/ of the project found from here)")
     p = sub.add_parser("paper", parents=[common], help="build figures/tables from outputs and render the paper",
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
                    help="also check the rendered paper (default: paper/_output or paper/_preview index.html): every "
                         "figure and table present, every image decodes and loads in headless Chromium (if installed)")
+    p.add_argument("--pdf", nargs="?", const="", default=None, metavar="FILE",
+                   help="also check the Typst PDF preview (default: paper/_preview/index.pdf): no text outside the "
+                        "text area or running into its neighbour (every table fits and is whole), every citation "
+                        "resolved")
     p.set_defaults(func=paper.cmd_verify)
     return parser
 

@@ -48,6 +48,7 @@ class Figure:
     caption: str
     select: Callable[[pd.DataFrame], pd.DataFrame]
     draw: Callable[[pd.DataFrame], matplotlib.figure.Figure]
+    alt: str  # the figure's fig-alt text: what is plotted against what, for a reader who cannot see it
 
 
 def _ci(data: pd.DataFrame) -> dict:
@@ -230,23 +231,34 @@ def draw_sft_objectives(data):
 FIGURES = [
     Figure("methods", ("01_sft", "02_dpo", "03_staged"),
            "Test-split task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the SFT "
-           "model), with full fine-tuning (FFT) and LoRA.", _methods, draw_methods),
+           "model), with full fine-tuning (FFT) and LoRA.", _methods, draw_methods,
+           "Bar charts, one panel per task metric: the test score of SFT, DPO alone and staged SFT→DPO, one bar per "
+           "fine-tuning method, with 95% t-interval error bars over seeds."),
     Figure("beta", ("04_reference_strength",),
            "β sweep: test-split task metric and implicit-reward accuracy against β for each reward kind (dpo with a "
            "reference model, probability = no reference, likelihood = prior p(y) as reference) and reference "
-           "model.", _beta, draw_beta),
+           "model.", _beta, draw_beta,
+           "Line charts, one panel per task metric and implicit-reward accuracy: the test score against β on a log "
+           "scale, one line per reward kind and reference model."),
     Figure("variants", ("06_dpo_variants",),
            "Preference objectives by scenario (after SFT, no SFT, instruction-tuned start) at the largest "
-           "training set: test-split task metric.", _variants, draw_variants),
+           "training set: test-split task metric.", _variants, draw_variants,
+           "Bar chart per task: the test score of each preference objective, one bar per starting point."),
     Figure("train_size", ("06_dpo_variants",),
            "Test-split task metric against the fraction of training pairs used, per objective and scenario.",
-           _train_size, draw_train_size),
+           _train_size, draw_train_size,
+           "Line charts, one panel per starting point: the test score against the percentage of training pairs "
+           "used, one line per preference objective."),
     Figure("cost", ("05_lora_vs_fft",),
            "LoRA ranks vs full fine-tuning: test-split task metric against training wall-clock and peak memory "
-           "(training only; marker size: training steps), and training throughput.", _cost, draw_cost),
+           "(training only; marker size: training steps), and training throughput.", _cost, draw_cost,
+           "Per task, two scatter plots of the test score against training wall-clock and against peak memory, one "
+           "marker per run coloured by fine-tuning method, and a bar chart of training throughput per method."),
     Figure("sft_objectives", ("07_sft_objectives",),
            "SFT objective (f-divergence) and SFT learning rate against the test-split metric after DPO and the "
-           "test-split implicit-reward accuracy of the SFT model and of the DPO model.", _sft_objectives, draw_sft_objectives),
+           "test-split implicit-reward accuracy of the SFT model and of the DPO model.", _sft_objectives, draw_sft_objectives,
+           "Bar charts, one panel per measure: for each SFT objective, one bar per SFT learning rate, of the test "
+           "score after DPO and the implicit-reward accuracy of the SFT model and of the DPO model."),
 ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 PAPER_FILE = "index.qmd"
 GENERATED = "_generated"
 VARIABLES = "_variables.yml"
+OUTPUTS_ENV = "PREFNB_OUTPUTS"  # the outputs a `quarto render` run by `prefnb paper` verifies against
 BANNER = "Preview rendered with pandoc; render with Quarto for the publication version"
 INCLUDE = re.compile(r"\{\{<\s*include\s+(\S+)\s*>\}\}")
 VAR = re.compile(r"\{\{<\s*var\s+([\w.\-]+)\s*>\}\}")
@@ -153,6 +155,27 @@ div[class*="callout"][title]::before { content: attr(title); display: block; fon
 """
 
 
+def quarto_config(paper_dir: Path) -> dict:
+    path = paper_dir / "_quarto.yml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def pandoc_options(paper_dir: Path, fmt: str) -> list[str]:
+    """The pandoc options that _quarto.yml's settings (top level, then ``format: <fmt>:``) mean,
+    so that the preview and Quarto read one configuration."""
+    config = quarto_config(paper_dir)
+    config = {**config, **((config.get("format") or {}).get(fmt) or {})}
+    bibliography = config.get("bibliography") or []
+    options = [f"--bibliography={b}" for b in ([bibliography] if isinstance(bibliography, str) else bibliography)]
+    options += ["--citeproc"] if options and config.get("citeproc", True) else []
+    options += [f"--csl={config['csl']}"] if config.get("csl") else []
+    options += ["--toc"] if config.get("toc") else []
+    options += ["--number-sections"] if config.get("number-sections") else []
+    options += ["--mathml"] if config.get("html-math-method") == "mathml" else []
+    options += ["--metadata", f"link-citations={str(bool(config.get('link-citations'))).lower()}"]
+    return options
+
+
 def render_preview(paper_dir: Path, pandoc: str) -> Path:
     """HTML preview with pandoc: shortcodes and cross references expanded here first."""
     variables = yaml.safe_load((paper_dir / VARIABLES).read_text()) or {}
@@ -172,8 +195,8 @@ def render_preview(paper_dir: Path, pandoc: str) -> Path:
     embed = "--embed-resources" if major_minor >= (2, 19) else "--self-contained"
     out = out_dir / "index.html"
     cmd = [pandoc, str(source.relative_to(paper_dir)), "--from", "markdown", "--to", "html5", "--standalone", embed,
-           "--citeproc", "--bibliography", "references.bib", "--resource-path", ".", "--toc", "--number-sections",
-           "--mathml", "--metadata", "link-citations=true", "-H", str(out_dir.relative_to(paper_dir) / "header.html"),
+           "--resource-path", ".", *pandoc_options(paper_dir, "html"),
+           "-H", str(out_dir.relative_to(paper_dir) / "header.html"),
            "--include-before-body", str(out_dir.relative_to(paper_dir) / "banner.html"),
            "-o", str(out.relative_to(paper_dir))]
     result = subprocess.run(cmd, cwd=paper_dir, capture_output=True, text=True)
@@ -182,6 +205,18 @@ def render_preview(paper_dir: Path, pandoc: str) -> Path:
     for line in result.stderr.strip().splitlines():
         log.warning("pandoc: %s", line)
     return out
+
+
+def render_previews(paper_dir: Path, pandoc: str) -> list[Path]:
+    """The HTML preview, and the Typst PDF preview where the `paper` extra is installed."""
+    from prefnb import paper_pdf
+
+    html = render_preview(paper_dir, pandoc)
+    missing = paper_pdf.available()
+    if missing:
+        log.warning("no PDF preview: %s", missing)
+        return [html]
+    return [html, paper_pdf.render_pdf(paper_dir, html.with_suffix(".md"))]
 
 
 def renderer(engine: str = "auto") -> tuple[str, str]:
@@ -198,11 +233,13 @@ def renderer(engine: str = "auto") -> tuple[str, str]:
                       "-c conda-forge quarto`) for the paper, or pandoc (`apt-get install pandoc`) for an HTML preview")
 
 
-def render(paper_dir: Path, engine: str = "auto") -> list[Path]:
+def render(paper_dir: Path, engine: str = "auto", outputs: Path | None = None) -> list[Path]:
     kind, exe = renderer(engine)
     if kind == "pandoc":
-        return [render_preview(paper_dir, exe)]
-    result = subprocess.run([exe, "render", str(paper_dir)])
+        return render_previews(paper_dir, exe)
+    # _quarto.yml's pre-render runs `prefnb verify`: tell it which outputs these inputs came from
+    env = {**os.environ, OUTPUTS_ENV: str(Path(outputs).resolve())} if outputs else None
+    result = subprocess.run([exe, "render", str(paper_dir)], env=env)
     if result.returncode != 0:
         raise _user_error(f"`quarto render {paper_dir}` failed (exit {result.returncode}); see its output above")
     return sorted(p for p in (paper_dir / "_output").glob("index.*") if p.suffix in (".html", ".pdf"))
@@ -227,7 +264,7 @@ def build_paper(outputs: str | Path | None = None, paper_dir: str | Path | None 
         renderer(engine)  # fail before the work when nothing can render
     files, _ = _build(outputs, figures=figures)
     sync_generated(outputs, paper_dir, files)
-    return render(paper_dir, engine) if render_output else []
+    return render(paper_dir, engine, outputs) if render_output else []
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,7 +297,17 @@ def verify(outputs: str | Path | None = None, paper_dir: str | Path | None = Non
         path = paper_dir / image
         if not path.is_file() or path.stat().st_size == 0:
             problems.append(f"missing figure: {path}")
+    # Quarto renders a reference to an id nobody defines as "?@fig-…" with only a warning
+    defined = set(defined_ids(text))
+    problems += [f"unresolved cross-reference: @{ref} ({qmd.name} refers to it; no figure, table or section of "
+                 "the generated inputs defines it)" for ref in dict.fromkeys(CROSSREF.findall(text)) if ref not in defined]
     return problems
+
+
+def defined_ids(text: str) -> list[str]:
+    """The figure, table and section ids an expanded paper defines."""
+    return ([i for m in IMAGE.finditer(text) for i in FIG_ID.findall(m.group("attrs") or "")]
+            + [m.group("id") for m in TABLE_CAPTION.finditer(text)] + [m.group("id") for m in SEC_HEADER.finditer(text)])
 
 
 def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | None = None) -> list[str]:
@@ -349,11 +396,17 @@ def cmd_paper(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    require_runs(Path(args.outputs or outputs_dir()))
-    problems, notes = verify(args.outputs, args.paper), []
+    outputs = Path(args.outputs or os.environ.get(OUTPUTS_ENV) or outputs_dir())
+    require_runs(outputs)
+    problems, notes = verify(outputs, args.paper), []
     if args.html is not None:
         paper_dir = Path(args.paper) if args.paper else default_paper_dir()
         problems += check_html(paper_dir, Path(args.html) if args.html else None, notes)
+    if args.pdf is not None:
+        from prefnb.paper_pdf import check_pdf
+
+        paper_dir = Path(args.paper) if args.paper else default_paper_dir()
+        problems += check_pdf(paper_dir, Path(args.pdf) if args.pdf else paper_dir / "_preview" / "index.pdf", notes)
     if problems:
         print(f"prefnb verify: FAILED ({len(problems)} problem(s)); run `prefnb paper` to rebuild:", file=sys.stderr)
         for p in problems:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from prefnb.findings import QUESTIONS, findings, findings_markdown, floor, question_table
 from prefnb.rundir import MARKER
 from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, METRIC_LABELS, SCENARIOS, SUMMARY, TASK_METRIC,  # noqa: F401
                            _metric_spec, cell, effects, fmt, markdown_table, operating_points, report_metric,
@@ -240,8 +241,18 @@ def _design(df: pd.DataFrame) -> dict[str, str]:
     variants, sweep = of("06_dpo_variants"), of("04_reference_strength")
     sweep = sweep[sweep["method"] != "SFT"] if len(sweep) else sweep
     designs = variants["label_train_size_design"].dropna().unique() if "label_train_size_design" in variants else []
+    pref = variants[variants["method"] != "SFT"] if len(variants) else variants
+    sft07 = of("07_sft_objectives")
+    sft07 = sft07[sft07["method"] == "SFT"] if len(sft07) else sft07
+    count = lambda rows, col: int(rows[col].replace("", np.nan).nunique()) if col in rows and len(rows) else 0  # noqa: E731
+    tasks = sorted(df["task"].dropna().unique()) if len(df) else []
     return {"train_size": "; ".join(TRAIN_SIZE_DESIGNS.get(d, d) for d in sorted(designs)) or "not recorded",
-            "train_fractions": _values_of(variants, "train_size"), "betas": _values_of(sweep, "beta")}
+            "train_fractions": _values_of(variants, "train_size"), "betas": _values_of(sweep, "beta"),
+            "n_betas": count(sweep, "beta"), "n_tasks": len(tasks), "tasks": ", ".join(tasks) or "none",
+            "n_objectives": count(pref, "objective"), "n_scenarios": count(pref, "scenario"),
+            "n_train_sizes": count(pref, "train_size"), "n_sft_objectives": count(sft07, "sft_objective"),
+            "n_sft_learning_rates": count(sft07, "learning_rate"),
+            "n_depths": count(of("05_lora_vs_fft"), "max_steps")}
 
 
 def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
@@ -321,23 +332,36 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     other = int((~df["experiment"].isin(SUMMARY)).sum()) if len(df) else 0
     df = df[df["experiment"].isin(SUMMARY)].reset_index(drop=True) if len(df) else df
     ready = {f.name for f in drawable(df)}
+    appendix = []
     for exp in SUMMARY:
         parts = []
         for f in FIGURES:
             if exp in f.experiments and f.name in ready and exp == f.experiments[-1]:
-                parts.append(f"![{f.caption}](_generated/figures/{f.name}.png){{#fig-{f.name.replace('_', '-')}}}\n")
+                parts.append(f"![{f.caption}](_generated/figures/{f.name}.png){{#fig-{f.name.replace('_', '-')} "
+                             f"fig-alt=\"{f.alt}\"}}\n")
         tasks = sorted(df.loc[df["experiment"] == exp, "task"].unique()) if len(df) else []
+        grids = [f"## {exp}\n"] if tasks else []
         for task in tasks:
             table = summary_table(df, exp, task)
             stem = f"tables/{exp}-{task}"
             files[f"{stem}.csv"] = table.to_csv(index=False, lineterminator="\n")
             files[f"{stem}.md"] = md = markdown_table(table)
             caption = TABLE_CAPTIONS.get(exp, f"{exp}: {_CI}")
-            parts.append(md + f"\n: {caption} — {task} {{#tbl-{_slug(exp)}-{task}}}\n")
+            # the floor's table is short and stays with its section; every other grid is in the appendix
+            (parts if exp == "00_baselines" else grids).append(md + f"\n: {caption} — {task} "
+                                                               f"{{#tbl-{_slug(exp)}-{task}}}\n")
         if not tasks:
             parts.append(f"::: {{.callout-note}}\nNo finished runs of `{exp}` in these outputs: its figures and "
                          f"tables are not drawn. Run `prefnb study` (or `--only {exp}`) and `prefnb paper`.\n:::\n")
         files[f"sections/{exp}.md"] = "\n".join(parts)
+        appendix += grids
+    files["appendix.md"] = "\n".join(appendix) or "No finished runs: no grids.\n"
+    floors = floor(df)
+    for name in QUESTIONS:
+        files[f"tables/q-{name}.md"] = question_table(df, name, floors)
+    found, found_numbers = findings(df, floors)
+    files["tables/findings.csv"] = found.to_csv(index=False, lineterminator="\n")
+    files["tables/findings.md"] = findings_markdown(found)
     points = operating_points(df)
     files["tables/operating_points.md"] = (markdown_table(points) + "\n: Each preference objective's operating "
                                            "point in these runs (β and its own options, outside the β sweep of "
@@ -345,8 +369,13 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
                                            "{#tbl-operating-points}\n") if len(points) else (
         "::: {.callout-note}\nNo preference runs: no operating points to list.\n:::\n")
     settings = settings_table(df) if len(df) else pd.DataFrame()
-    files["tables/settings.md"] = (markdown_table(settings) + "\n: Settings of the finished runs (distinct values per "
-                                   "experiment, from params.yaml) {#tbl-settings}\n") if len(settings) else (
+    # two tables of at most 8 columns, so that each fits a page in the PDF
+    training = ["experiment", "runs", "objectives", "model", "steps", "batch", "learning rate", "seeds"]
+    files["tables/settings.md"] = (
+        markdown_table(settings[[c for c in training if c in settings]]) + "\n: Training settings of the finished "
+        "runs (distinct values per experiment, from params.yaml) {#tbl-settings}\n\n"
+        + markdown_table(settings[["experiment"] + [c for c in settings if c not in training]]) + "\n: Fine-tuning, "
+        "β and data settings of the same runs {#tbl-settings-data}\n") if len(settings) else (
         "::: {.callout-note}\nNo finished runs: no settings to list.\n:::\n")
     eff, eff_numbers = effects(df) if len(df) else (pd.DataFrame(), {k: {} for k in EFFECTS})
     files["tables/effects.csv"] = eff.to_csv(index=False, lineterminator="\n")
@@ -360,6 +389,7 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
                                                                "seeds": 0, "text": "n/a (no paired runs)"})
     nums = numbers(df, eff_numbers)
     nums["runs"]["other"] = other
+    nums["findings"] = found_numbers
     files["numbers.json"] = json.dumps(nums, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     files["_variables.yml"] = yaml.safe_dump(nums, sort_keys=True, allow_unicode=True)
     files["profile.md"] = _profile_block(nums)

@@ -119,7 +119,13 @@ def cell(values, spec: str) -> str:
 # ---------------------------------------------------------------------------------------
 def markdown_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    # pandoc sizes the columns of a wide pipe table by the dashes of this line: each column gets at least
+    # its longest unbreakable word (a narrower cell overflows into the next in the PDF), long text at most 24
+    def width(values: list[str]) -> int:
+        longest_word = max(len(w) for v in values for w in (v.split() or [""]))
+        return max(3, longest_word + 2, min(24, max(len(v) for v in values)))
+    widths = [width([c] + [str(v) for v in df[col]]) for c, col in zip(cols, df.columns)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("-" * w for w in widths) + "|"]
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
     return "\n".join(lines) + "\n"
@@ -157,6 +163,12 @@ def summary_table(df: pd.DataFrame, experiment: str, task: str) -> pd.DataFrame:
     sub = df[(df["experiment"] == experiment) & (df["task"] == task)]
     if experiment == "04_reference_strength":  # its SFT runs are the stronger reference, not sweep cells
         sub = sub[sub["method"] != "SFT"]
+    return grid_table(sub, keys, metrics, task)
+
+
+def grid_table(sub: pd.DataFrame, keys: list[str], metrics: list[str], task: str) -> pd.DataFrame:
+    """One row per cell of ``keys`` (seeds are its replicates): each metric's mean ± 95 %
+    t-interval, and the number of seeds. Keys that no run sets are left out."""
     keys = [k for k in keys if k != "task" and k in sub and sub[k].astype(str).ne("").any()]
     rows = []
     for values, g in sub.groupby(keys, sort=True, dropna=False):

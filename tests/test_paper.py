@@ -59,7 +59,7 @@ def test_preview_holds_every_figure_table_section_and_citation(study):
     from prefnb.paper import BANNER, TABLE_CAPTION, referenced_images
 
     _, paper, rendered = study
-    assert rendered == [paper / "_preview" / "index.html"]
+    assert rendered[0] == paper / "_preview" / "index.html"  # and index.pdf where the paper extra is installed
     html = rendered[0].read_text()
     text = _expanded_qmd(paper)
     assert BANNER in html
@@ -146,3 +146,95 @@ def test_verify_passes_then_fails_after_a_metrics_change_until_paper_reruns(stud
     assert any("missing figure" in p and "beta.png" in p for p in verify(outputs, paper))
     (paper / "_generated" / "tables" / "effects.md").unlink()
     assert any("effects.md" in p for p in verify(outputs, paper))
+
+
+def test_verify_fails_on_a_cross_reference_the_generated_files_do_not_define(study):
+    from prefnb.paper import build_paper, verify
+
+    outputs, paper, _ = study
+    build_paper(outputs, paper, render_output=False, figures=False)  # an earlier test removed some inputs
+    qmd = paper / "index.qmd"
+    original = qmd.read_text()
+    try:
+        qmd.write_text(original.replace("@fig-methods compares", "@fig-not-drawn and @fig-methods compare", 1))
+        problems = verify(outputs, paper)
+        assert [p for p in problems if "cross-reference" in p] == [
+            next(p for p in problems if "@fig-not-drawn" in p)]  # the defined @fig-methods is not reported
+    finally:
+        qmd.write_text(original)
+    assert verify(outputs, paper) == []
+
+
+def test_quarto_config_carries_the_typst_and_gitignore_fixes():
+    import yaml
+
+    config = yaml.safe_load((PAPER_SRC / "_quarto.yml").read_text())
+    typst = config["format"]["typst"]
+    assert typst["citeproc"] is True
+    assert "#show figure: set block(breakable: true)" in typst["include-in-header"]["text"]
+    assert config["project"]["pre-render"].split()[:2] == ["prefnb", "verify"]
+    lines = (PAPER_SRC / ".gitignore").read_text().splitlines()
+    assert "/.quarto/" in lines and "**/*.quarto_ipynb" in lines  # verbatim, or quarto render rewrites the file
+
+
+def test_preview_options_come_from_quarto_yml(tmp_path):
+    from prefnb.paper import pandoc_options
+
+    (tmp_path / "_quarto.yml").write_text("bibliography: refs.bib\ntoc: false\nnumber-sections: true\ncsl: x.csl\n"
+                                          "format: {html: {html-math-method: mathml}, typst: {citeproc: false}}\n")
+    html = pandoc_options(tmp_path, "html")
+    assert "--toc" not in html and "--number-sections" in html and "--mathml" in html
+    assert "--bibliography=refs.bib" in html and "--citeproc" in html and "--csl=x.csl" in html
+    assert "--citeproc" not in pandoc_options(tmp_path, "typst")
+
+
+def test_verify_reads_the_outputs_prefnb_paper_passed_to_quarto(study, monkeypatch, capsys):
+    from prefnb.cli import main
+    from prefnb.paper import OUTPUTS_ENV
+
+    outputs, paper, _ = study
+    monkeypatch.chdir(paper)  # as Quarto runs the pre-render: in the paper folder
+    monkeypatch.setenv(OUTPUTS_ENV, str(outputs))
+    assert main(["verify", "--paper", "."]) == 0
+
+
+def test_findings_table_rows_and_verdicts_come_from_the_outputs(study):
+    _, paper, _ = study
+    findings = (paper / "_generated" / "tables" / "findings.md").read_text()
+    assert "{#tbl-findings}" in findings
+    for comparison in ("SFT − majority class", "staged (SFT→DPO) − SFT", "DPO alone − SFT", "LoRA − FFT",
+                       "(reward, reference, β): best", "objective, after SFT: best", "objective, no SFT: best",
+                       "objective, instruction-tuned start: best", "(SFT objective, learning rate) → DPO: best"):
+        assert comparison in findings, comparison
+    assert "resolved at 2 seeds" in findings
+    methods = (paper / "_generated" / "tables" / "q-methods.md").read_text()
+    assert "| paraphrase | majority class | untrained |" in methods  # the floor leads the question's table
+    text = _expanded_qmd(paper)
+    abstract = text.split("---", 2)[1]
+    assert not re.search(r"\b(two|three|four|five|six|seven|eight|nine)\b", abstract)  # design facts are variables
+
+
+needs_pdf = pytest.mark.skipif(__import__("prefnb.paper_pdf", fromlist=["available"]).available() is not None
+                               or shutil.which("pdftotext") is None,
+                               reason="the PDF preview needs the paper extra (pypandoc-binary, typst) and pdftotext")
+
+
+@needs_pandoc
+@needs_pdf
+def test_pdf_preview_fits_every_table_and_resolves_every_citation(study, tmp_path):
+    from prefnb.paper_pdf import check_pdf, render_pdf
+
+    _, paper, rendered = study
+    pdf = paper / "_preview" / "index.pdf"
+    assert pdf in rendered
+    notes: list[str] = []
+    assert check_pdf(paper, pdf, notes) == [] and "citation keys resolved" in notes[0]
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True).stdout
+    assert "Rafailov" in text and "Appendix" in text
+    # a table too wide for the page is found
+    wide = tmp_path / "wide"
+    shutil.copytree(paper, wide)
+    md = wide / "_preview" / "index.md"
+    md.write_text(md.read_text() + "\n\n| " + " | ".join(f"column{i}_" + "w" * 12 for i in range(12)) + " |\n|"
+                  + "---|" * 12 + "\n| " + " | ".join(["x" * 20] * 12) + " |\n")
+    assert any("outside the text area" in p for p in check_pdf(wide, render_pdf(wide, md)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ def test_build_report_writes_figures_tables_numbers(fake_outputs):
     assert "staged (SFT→DPO) − SFT" in effects and "LoRA − FFT" in effects
     table = (report / "tables" / "01_sft-paraphrase.md").read_text()
     assert "±" in table and "accuracy (test)" in table and "(selection)" not in table
-    assert "{#fig-methods}" in (report / "sections" / "03_staged.md").read_text()
+    assert re.search(r'\{#fig-methods fig-alt="[^"]{40,}"\}', (report / "sections" / "03_staged.md").read_text())
     points = (report / "tables" / "operating_points.md").read_text()
     assert "| simpo |" in points and "{#tbl-operating-points}" in points and "| sft |" not in points
 
@@ -235,3 +236,38 @@ def test_figure_error_bars_are_the_tables_t_intervals(tmp_path):
     spans = [(np.nanmin(line.get_ydata()), np.nanmax(line.get_ydata())) for ax in fig.axes for line in ax.lines]
     assert any(np.allclose(span, (m - h, m + h)) for span in spans), spans
     plt.close(fig)
+
+
+def test_findings_verdicts_are_read_from_the_interval():
+    from prefnb.findings import verdict
+
+    assert verdict((0.05, 0.01, 0.09, 6, 3), ".3f") == "positive, resolved at 3 seeds (interval above zero)"
+    assert verdict((-0.05, -0.09, -0.01, 6, 3), ".3f") == "negative, resolved at 3 seeds (interval below zero)"
+    assert verdict((0.01, -0.02, 0.04, 6, 3), ".3f") == "no difference resolved at 3 seeds"
+    assert verdict((0.01, float("nan"), float("nan"), 2, 1), ".3f") == "+0.010 at 1 seed: no interval, no verdict"
+    assert verdict((float("nan"),) * 3 + (0, 0), ".3f") == "no paired runs in these outputs"
+
+
+def test_floor_is_00_baselines_where_it_ran_else_the_majority_class_of_the_data(tmp_path):
+    from prefnb.findings import findings, floor
+    from prefnb.report import collect_runs
+
+    rng = random.Random(1)
+    for seed in (0, 1):
+        _write_run(tmp_path, rng, experiment="01_sft", task="paraphrase", seed=seed)
+    df = collect_runs(tmp_path, save=False)
+    calls = []
+    from_data = floor(df, lambda rows: calls.append(len(rows)) or 0.5)["paraphrase"]
+    assert calls == [2] and list(from_data["baseline"]) == ["majority class"]
+    table, numbers = findings(df, {"paraphrase": from_data, "sonnets": from_data.iloc[0:0]})
+    sft = df["test_quality"]
+    assert numbers["sft_vs_majority"]["paraphrase"]["difference"] == f"{sft.mean() - 0.5:+.3f}"
+    assert list(table["comparison"]) == ["SFT − majority class"]
+    zero = _write_run(tmp_path, rng, experiment="00_baselines", task="paraphrase", seed=0,
+                      labels={"starting_model": "base"})
+    metrics = json.loads((zero / "metrics.json").read_text())
+    (zero / "metrics.json").write_text(json.dumps({**metrics, "test/majority_accuracy": 0.6}))
+    df = collect_runs(tmp_path, save=False)
+    rows = floor(df, lambda rows: pytest.fail("00_baselines ran: the data is not read"))["paraphrase"]
+    assert sorted(rows["baseline"]) == ["majority class", "zero-shot base model (tiny)"]
+    assert rows.set_index("baseline").loc["majority class", "test_quality"] == 0.6

@@ -1,0 +1,244 @@
+"""The paper's answers: one row per question and comparison, its verdict read from its interval.
+
+Every row is a paired difference in the task's report metric (``test_quality``) with the 95 %
+t-interval over seeds (:func:`prefnb.tables.paired_t`); the conditions it compares are named
+in the row. Where a row compares a *best* cell, the cell is chosen on the selection split
+(``eval_quality``) and compared on the report split, against the study's default (DPO at its
+default β with the SFT model as reference; DPO among the objectives; the NLL at the profile's
+learning rate among the SFT objectives), or, where the best cell is that default, against the
+runner-up. The floor rows compare SFT with the majority class (paraphrase) and with the
+untrained starting model: ``00_baselines`` where it ran, else the majority class computed
+here from the data (:func:`prefnb.baselines.majority_metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from prefnb.objectives import DEFAULTS
+from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, SCENARIOS, TASK_METRIC, _effect_rows, _metric_spec, cell, fmt,
+                           grid_table, HEADERS, markdown_table, paired_t)
+
+log = logging.getLogger(__name__)
+NONE = (float("nan"),) * 3 + (0, 0)
+COLUMNS = ["question", "comparison", "task", "difference", "95% t-interval", "seeds", "verdict"]
+
+
+def verdict(stats: tuple, spec: str) -> str:
+    """What the interval says: resolved above or below zero, or not resolved at this many seeds."""
+    m, lo, hi, pairs, seeds = stats
+    if not pairs:
+        return "no paired runs in these outputs"
+    if seeds < 2:
+        return f"{fmt(m, spec, True)} at 1 seed: no interval, no verdict"
+    if lo > 0:
+        return f"positive, resolved at {seeds} seeds (interval above zero)"
+    if hi < 0:
+        return f"negative, resolved at {seeds} seeds (interval below zero)"
+    return f"no difference resolved at {seeds} seeds"
+
+
+def _contrast(treat: pd.DataFrame, ctrl: pd.DataFrame, on: list[str]) -> tuple:
+    """Paired difference treat − ctrl: runs matched on ``on`` (control runs of one key averaged)."""
+    if treat.empty or ctrl.empty:
+        return NONE
+    c = ctrl.groupby(on, dropna=False)["test_quality"].mean().rename("control").reset_index()
+    pairs = treat.merge(c, on=on)
+    return paired_t(pairs["test_quality"] - pairs["control"], pairs["seed"]) if len(pairs) else NONE
+
+
+def _label(key) -> str:
+    return ", ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+
+
+def _best_against(rows: pd.DataFrame, by: list[str], default: tuple | None, on: list[str]) -> tuple[str, tuple]:
+    """(comparison, stats): the best cell of ``by`` on the selection split minus ``default``
+    (or minus the runner-up, when the best cell is the default) on the report split."""
+    means = rows.groupby(by, dropna=False)["eval_quality"].mean().dropna() if len(rows) else pd.Series(dtype=float)
+    if len(means) < 2:
+        return "fewer than two cells ran", NONE
+    ranked = means.sort_values(ascending=False, kind="stable").index
+    best = ranked[0] if len(by) > 1 else (ranked[0],)
+    keys = [k if isinstance(k, tuple) else (k,) for k in ranked]
+    other = default if default in keys and default != tuple(best) else keys[1]
+    pick = lambda key: rows[np.logical_and.reduce([rows[c] == v for c, v in zip(by, key)])]  # noqa: E731
+    role = "default" if other == default else "runner-up"
+    return f"best ({_label(best)}) − {role} ({_label(other)})", _contrast(pick(best), pick(other), on)
+
+
+def _default_beta(rows: pd.DataFrame) -> float | None:
+    """The swept β closest to DPO's default (objectives.DEFAULTS) on a log scale."""
+    betas = sorted(rows["beta"].dropna().unique()) if "beta" in rows else []
+    target = DEFAULTS["dpo"]["beta"]
+    return min(betas, key=lambda b: abs(np.log(b / target))) if betas else None
+
+
+def floor(df: pd.DataFrame, data_majority=None) -> dict[str, pd.DataFrame]:
+    """Per task, the floor rows (columns: baseline, test_quality, seed): the zero-shot starting
+    model(s) of 00_baselines, and the majority class (00's, else ``data_majority(task_rows)``)."""
+    out = {}
+    base = df[df["experiment"] == "00_baselines"] if len(df) else df
+    for task in TASK_METRIC:
+        parts = []
+        b = base[base["task"] == task] if len(base) else base
+        if len(b):
+            start = b.get("label_starting_model", pd.Series("base", index=b.index)).fillna("base")
+            parts.append(b.assign(baseline="zero-shot " + start + " model (" + b["model"].astype(str) + ")"))
+            if "test/majority_accuracy" in b and b["test/majority_accuracy"].notna().any():
+                m = b.dropna(subset=["test/majority_accuracy"]).iloc[:1]
+                parts.append(m.assign(baseline="majority class", test_quality=m["test/majority_accuracy"]))
+        elif task == "paraphrase" and len(df) and (df["task"] == task).any():
+            value = (data_majority or majority_from_data)(df[df["task"] == task])
+            if value is not None:
+                parts.append(pd.DataFrame({"baseline": ["majority class"], "test_quality": [value], "seed": [0],
+                                           "task": [task]}))
+        out[task] = (pd.concat(parts, ignore_index=True)[["baseline", "task", "test_quality", "seed"]]
+                     if parts else pd.DataFrame(columns=["baseline", "task", "test_quality", "seed"]))
+    return out
+
+
+def majority_from_data(rows: pd.DataFrame) -> float | None:
+    """Test-split accuracy of the training split's majority label, for the data of these runs
+    (their first run's data keys; the whole training split, as 00_baselines uses it)."""
+    from prefnb import data as data_lib
+    from prefnb.baselines import majority_metrics
+    from prefnb.config import RunParams
+
+    row = rows.sort_values("run_id").iloc[0].to_dict()
+    fields = {k: row[k] for k in RunParams.__dataclass_fields__ if k in row and not _missing(row[k])}
+    try:
+        params = RunParams(**{**fields, "train_size": 1.0, "max_train_examples": 0})
+        return majority_metrics(data_lib.load_task(params)).get("test/majority_accuracy")
+    except Exception as err:  # noqa: BLE001 - the floor row says n/a, the log says why
+        log.warning("majority class not computed from the data: %s", err)
+        return None
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict]:
+    """(the findings table, its numbers for the text: findings.<key>.<task>.{text, verdict, …});
+    ``floors``: :func:`floor`'s."""
+    of = (lambda exp: df[df["experiment"] == exp]) if len(df) else (lambda exp: df)
+    rows, numbers = [], {}
+
+    def add(question: str, key: str, comparison: str, task: str, stats: tuple) -> None:
+        spec = _metric_spec("test_quality", task)[1]
+        m, lo, hi, pairs, seeds = stats
+        interval = f"[{fmt(lo, spec, True)}, {fmt(hi, spec, True)}]" if seeds > 1 else "n/a"
+        said = verdict(stats, spec)
+        numbers.setdefault(key, {})[task] = {
+            "comparison": comparison, "difference": fmt(m, spec, True), "interval": interval, "seeds": seeds,
+            "verdict": said, "text": f"{comparison}: {fmt(m, spec, True)}, 95% t-interval {interval}; {said}"
+            if pairs else f"{comparison}: {said}"}
+        if pairs:
+            rows.append(dict(zip(COLUMNS, [question, comparison, task, fmt(m, spec, True), interval, seeds, said])))
+
+    sft = of("01_sft")
+    for task in TASK_METRIC:
+        t_sft = sft[sft["task"] == task] if len(sft) else sft
+        f = floors[task]
+        for key, name, prefix in (("sft_vs_majority", "majority class", "majority class"),
+                                  ("sft_vs_zero_shot", "zero-shot base model", "zero-shot base "))[
+                                      task != "paraphrase":]:  # a majority class exists for the classification task
+            ctrl = f[f["baseline"].str.startswith(prefix)].drop(columns="seed")
+            add("floor", key, f"SFT − {name}", task, _contrast(t_sft, ctrl, ["task"]))
+        for key in ("staged_vs_sft", "dpo_vs_sft", "lora_vs_fft"):
+            desc, treat, ctrl, keys = EFFECTS[key]
+            pairs = _effect_rows(df, treat, ctrl, keys) if len(df) else pd.DataFrame()
+            pairs = pairs[pairs["task"] == task].dropna(subset=["diff"]) if len(pairs) else pairs
+            add("Q1", key, desc, task, paired_t(pairs["diff"], pairs["seed"]) if len(pairs) else NONE)
+        sweep = of("04_reference_strength")
+        sweep = sweep[(sweep["method"] != "SFT") & (sweep["task"] == task)] if len(sweep) else sweep
+        default = ("dpo", "SFT model", _default_beta(sweep)) if len(sweep) else None
+        comparison, stats = _best_against(sweep, ["reward", "reference_kind", "beta"], default, ["task", "seed"])
+        add("Q2", "best_beta", "(reward, reference, β): " + comparison, task, stats)
+        variants = of("06_dpo_variants")
+        variants = variants[(variants["method"] != "SFT") & (variants["task"] == task)] if len(variants) else variants
+        if len(variants):
+            variants = variants[variants["train_size"] == variants["train_size"].max()]
+        for scenario, label in SCENARIOS.items():
+            v = variants[variants["scenario"] == label] if len(variants) else variants
+            comparison, stats = _best_against(v, ["objective"], ("dpo",), ["task", "seed"])
+            add("Q3", f"best_objective_{scenario}", f"objective, {label}: " + comparison, task, stats)
+        obj = of("07_sft_objectives")
+        after = obj[(obj["stage"] == "after DPO") & (obj["task"] == task)] if len(obj) else obj
+        comparison, stats = _best_against(after, ["sft_objective", "sft_lr_scale"], ("kl", "1×"),
+                                          ["task", "seed"])
+        add("Q4", "best_sft_objective", "(SFT objective, learning rate) → DPO: " + comparison, task, stats)
+    return pd.DataFrame(rows, columns=COLUMNS), numbers
+
+
+def findings_markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "::: {.callout-note}\nNo comparison could be made from these outputs.\n:::\n"
+    return (markdown_table(table) + "\n: Findings: each question's comparisons as paired differences in the task's "
+            "test metric (accuracy for paraphrase, chrF for sonnets), 95% t-interval over seeds; best cells chosen on "
+            "the selection split {#tbl-findings}\n")
+
+
+# ---------------------------------------------------------------------------------------
+# one table per question (the main text; every cell of every grid is in the appendix)
+# ---------------------------------------------------------------------------------------
+def _best_beta(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each (reward, reference) of the β sweep at its best β, chosen on the selection split."""
+    rows = rows[rows["method"] != "SFT"]  # the stronger reference's SFT runs are no sweep cells
+    means = rows.groupby(["task", "reward", "reference_kind", "beta"])["eval_quality"].mean().dropna()
+    best = means.groupby(level=[0, 1, 2]).idxmax()
+    return rows.set_index(["task", "reward", "reference_kind", "beta"]).loc[list(best)].reset_index()
+
+
+def _largest_size(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows[rows["method"] != "SFT"]
+    return rows[rows["train_size"] == rows.groupby("task")["train_size"].transform("max")]
+
+
+QUESTIONS = {  # id: (experiments, the rows shown, cell keys, metrics, caption)
+    "methods": (("01_sft", "02_dpo", "03_staged"), None, ["method", "tuning"], ["test_quality", IRW],
+                "Question 1: SFT, DPO alone and staged SFT→DPO, after the untrained floor (majority class, "
+                "zero-shot starting model)"),
+    "reference": (("04_reference_strength",), _best_beta, ["reward", "reference_kind", "beta"], ["test_quality", IRW],
+                  "Question 2: each reward and reference at its best β (chosen on the selection split)"),
+    "variants": (("06_dpo_variants",), _largest_size, ["scenario", "objective"], ["test_quality", IRW],
+                 "Question 3: each preference objective from each starting point, at the largest training set"),
+    "sft-objectives": (("07_sft_objectives",), lambda rows: rows[rows["stage"] == "after DPO"],
+                       ["sft_objective", "sft_lr_scale"], ["test_quality", IRW, IRW_TOTAL],
+                       "Question 4: DPO after each SFT objective and SFT learning rate"),
+}
+
+
+def _floor_rows(f: pd.DataFrame, columns: list[str], task: str) -> list[dict]:
+    name, spec = _metric_spec("test_quality", task)
+    out = []
+    for baseline, g in f.groupby("baseline", sort=False):
+        value = fmt(g["test_quality"].mean(), spec) if baseline == "majority class" else cell(g["test_quality"], spec)
+        seeds = "—" if baseline == "majority class" else g["seed"].nunique()  # the majority class has no seed
+        out.append({columns[0]: baseline, columns[1]: "untrained", name: value, "seeds": seeds})
+    return out
+
+
+def question_table(df: pd.DataFrame, name: str, floors: dict[str, pd.DataFrame]) -> str:
+    """The markdown of one question's table (test split, mean ± 95 % t-interval over seeds)."""
+    experiments, select, keys, metrics, caption = QUESTIONS[name]
+    sub = df[df["experiment"].isin(experiments)] if len(df) else df
+    sub = select(sub) if select is not None and len(sub) else sub
+    parts = []
+    for task in sorted(sub["task"].unique()) if len(sub) else []:
+        table = grid_table(sub[sub["task"] == task], keys, metrics, task)
+        if name == "methods" and len(floors.get(task, ())):
+            table = pd.concat([pd.DataFrame(_floor_rows(floors[task], list(table.columns), task)), table])
+        parts.append(table.fillna("").assign(task=task))
+    if not parts:
+        return f"::: {{.callout-note}}\nNo finished runs of {', '.join(experiments)}: no table for this question.\n:::\n"
+    table = pd.concat(parts, ignore_index=True).fillna("")
+    cells = [HEADERS.get(k, k) for k in keys if HEADERS.get(k, k) in table]
+    first = [_metric_spec("test_quality", t)[0] for t in sorted(sub["task"].unique())]  # the task metrics lead
+    table = table[["task", *cells, *first] + [c for c in table.columns if c not in ("task", "seeds", *cells, *first)]
+                  + ["seeds"]]
+    return markdown_table(table) + f"\n: {caption}; test split, mean ± 95% t-interval across seeds {{#tbl-q-{name}}}\n"
