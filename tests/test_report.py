@@ -271,3 +271,13 @@ def test_floor_is_00_baselines_where_it_ran_else_the_majority_class_of_the_data(
     rows = floor(df, lambda rows: pytest.fail("00_baselines ran: the data is not read"))["paraphrase"]
     assert sorted(rows["baseline"]) == ["majority class", "zero-shot base model (tiny)"]
     assert rows.set_index("baseline").loc["majority class", "test_quality"] == 0.6
+
+
+def test_a_real_model_paper_names_its_profile_model_and_which_weights():
+    from prefnb.report import _profile_block
+
+    block = _profile_block({"profile": "smollm2", "runs": {"total": 12}, "seeds": {"n": 3, "list": "0, 1, 2"},
+                            "models": "smollm2-135m-instruct", "devices": "cuda", "is_smoke": False})
+    assert "**smollm2** profile" in block and "`smollm2-135m-instruct`" in block
+    assert "4-bit (Q4_1) GGUF quantisation of `HuggingFaceTB/SmolLM2-135M-Instruct`" in block
+    assert "dequantised to float32" in block and "pipeline" not in block
