@@ -11,7 +11,6 @@ model is its own reference, so it would be 0 by construction.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import Counter
 
@@ -51,8 +50,6 @@ def zero_shot(params: RunParams) -> dict[str, float]:
     prompt-format keys mean what they mean for a training run. The completion marker is
     the caller's (the study), as for :func:`prefnb.train.train`.
     """
-    from prefnb.train import HeldOut, run_evaluation  # the same evaluation a trained run gets
-
     started, started_at = time.perf_counter(), now_iso()
     out_dir = params.resolved_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,14 +59,14 @@ def zero_shot(params: RunParams) -> dict[str, float]:
     model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
     model.to(device).eval()
     task = apply_prompt_format(task, tokenizer, params.prompt_format)
-    encoders = Encoders.shared(tokenizer, params.max_length, ADD_EOS[params.task])
+    encoders = Encoders.of(tokenizer, params.max_length, ADD_EOS[params.task])
     eval_started = time.perf_counter()
     metrics: dict[str, float] = {}
     no_reference = (torch.zeros(0), torch.zeros(0))
     for name, rows in (("eval", task.eval_rows), ("test", task.test_rows)):
         # no pairs: there is no reference to rank against (see the module docstring)
-        metrics.update(run_evaluation(model, tokenizer, HeldOut(name, rows, [], no_reference), params, encoders,
-                                      device))
+        split = evaluate.HeldOut(name, rows, [], no_reference)
+        metrics.update(evaluate.run_evaluation(model, tokenizer, split, params, encoders, device))
     metrics.update(majority_metrics(task))
     _, total = models.count_parameters(model)
     metrics.update({"eval/seconds": time.perf_counter() - eval_started, "train/steps": 0,

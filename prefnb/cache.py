@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from prefnb.rundir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,5 @@ def cached(cache_dir: Path, kind: str, key: str, compute: Callable[[], Any]) -> 
         except Exception as err:  # a torn or foreign file: recompute rather than fail the run
             log.warning("ignoring unreadable cache file %s (%s)", path, err)
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(value, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(value, tmp))
     return value, False

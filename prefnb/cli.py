@@ -36,9 +36,12 @@ class UserError(Exception):
 # prefnb train
 # ---------------------------------------------------------------------------------------
 def run_train(args) -> int:
+    from prefnb.session import Session
+
     runs = sweep_params(args.files, args.overrides, args.sweeps, profile=args.profile)  # validated before any work
+    session = Session()  # the sweep's runs tokenise, parse and hash their shared inputs once
     for params in runs:
-        metrics = train_and_mark(params, progress=not args.no_progress)
+        metrics = train_and_mark(params, progress=not args.no_progress, session=session)
         print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "test/", "train/loss", "best_step"))},
                          indent=2))
         print(f"run directory: {params.resolved_output_dir()}", flush=True)
@@ -77,13 +80,14 @@ def in_project(params: RunParams) -> RunParams:
     return dataclasses.replace(params, output_dir=str(params.resolved_output_dir(outputs_dir())))
 
 
-def train_and_mark(params: RunParams, *, progress: bool = True) -> dict[str, float]:
-    """Train one run and mark it finished; a run that fails part-way is left unmarked."""
+def train_and_mark(params: RunParams, *, progress: bool = True, session=None) -> dict[str, float]:
+    """Train one run and mark it finished; a run that fails part-way is left unmarked.
+    ``session``: shared with the other runs of this process (`prefnb.session`)."""
     from prefnb.train import train  # heavy imports only once the params are known to be good
 
     out_dir = params.resolved_output_dir()
     clear_finished(out_dir)  # a rerun is unfinished until it finishes
-    metrics = train(params, progress=progress)
+    metrics = train(params, progress=progress, session=session)
     mark_finished(out_dir)
     return metrics
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import hashlib
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +23,10 @@ from typing import Any, Iterable, Mapping, Optional
 import yaml
 
 from prefnb import objectives
+# The objectives' names live in prefnb.objectives (torch-free, so validating params stays fast).
+from prefnb.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, SFT_LOSSES  # noqa: F401 (this module's API too)
 
 TASKS = ("paraphrase", "sonnets", "jsonl")
-SFT_LOSSES = ("kl", "tv", "chi2", "hellinger", "js")
-# Kept in sync with prefnb.losses.PREFERENCE_LOSSES (a test checks it); duplicated here
-# only so that validating a params file does not have to import torch.
-PREFERENCE_OBJECTIVES = ("dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo", "kto")
-OBJECTIVES = ("sft",) + PREFERENCE_OBJECTIVES
 REFERENCE_KINDS = ("policy", "none", "prior")  # or a hub id / local directory
 
 
@@ -135,7 +132,7 @@ class RunParams:
 
     @property
     def is_preference(self) -> bool:
-        return self.objective != "sft"
+        return objectives.is_preference(self.objective)
 
     def loss_options(self) -> dict[str, float]:
         """The options of this run's preference loss, by the loss's keyword names."""
@@ -175,16 +172,14 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Ru
 # ---------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _type_hints() -> dict[str, Any]:
-    # get_type_hints re-evaluates every string annotation: ~2 ms, too slow to call per key
-    # when a study expands ~1,000 runs.
-    return typing.get_type_hints(RunParams)
+# get_type_hints re-evaluates every string annotation: ~2 ms, too slow to call per key when a
+# study expands ~1,000 runs, so it is read once (read-only).
+TYPE_HINTS: Mapping[str, Any] = types.MappingProxyType(typing.get_type_hints(RunParams))
 
 
 def _base_type(annotation: str) -> tuple[type, bool]:
     """(python type, optional?) of a field annotation written as a string."""
-    hint = _type_hints()[annotation]
+    hint = TYPE_HINTS[annotation]
     args = typing.get_args(hint)
     if type(None) in args:
         return next(a for a in args if a is not type(None)), True

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from prefnb.cache import file_version
+from prefnb.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -145,28 +146,26 @@ def _parse_quora_row(row: list[str]) -> QuoraPair | str:
     return "; ".join(problems) if problems else QuoraPair(pair_id, q1, q2, _LABELS[label])
 
 
-def read_quora(path: str | os.PathLike, problems: list[str] | None = None) -> list[QuoraPair]:
+def read_quora(path: str | os.PathLike, problems: list[str] | None = None, session: Session | None = None
+               ) -> list[QuoraPair]:
     """Read the Quora pairs TSV; malformed rows are logged (file:line) and skipped.
 
     If `problems` is given, one "file:line: what" string per skipped row is appended to
     it (the `prefnb data` summary counts them). A missing file, a wrong header or no
-    valid row at all is a DataError. The parse is kept for the life of the process while
-    the file is unchanged (size and modification time), so the runs of an in-process sweep
-    read it once; the skipped rows are logged at that first read.
+    valid row at all is a DataError. A ``session`` keeps the parse while the file is
+    unchanged (size and modification time), so the runs of an in-process sweep read it
+    once; the skipped rows are logged at that first read.
     """
     path = data_file(path)
-    key = file_version(path)
-    if key not in _QUORA_PARSES:
-        _QUORA_PARSES.clear()  # the latest file version only
+
+    def parse():
         found: list[str] = []
-        _QUORA_PARSES[key] = (tuple(_parse_quora(path, found)), tuple(found))
-    pairs, skipped = _QUORA_PARSES[key]
+        return tuple(_parse_quora(path, found)), tuple(found)
+
+    pairs, skipped = (session or Session()).memo("quora", file_version(path), parse, keep=1)
     if problems is not None:
         problems.extend(skipped)
     return list(pairs)
-
-
-_QUORA_PARSES: dict[tuple, tuple[tuple[QuoraPair, ...], tuple[str, ...]]] = {}
 
 
 def _parse_quora(path: Path, skipped: list[str]) -> list[QuoraPair]:
@@ -463,8 +462,8 @@ class TaskData:
 
     task: str
     train_sft: list[dict]           # {"prompt","completion"}; preference data: chosen as completion
-    train_pairs: list[dict] | None  # {"prompt","chosen","rejected"}; None: SFT-only data, or the caller
-                                    # samples rejected sonnets and calls sonnet_sampled_pairs
+    train_pairs: list[dict] | None  # {"prompt","chosen","rejected"}; None: SFT-only data, or (a task of
+                                    # SAMPLED_REJECTIONS) the caller samples the rejected responses
     eval_rows: list[dict]           # selection split. paraphrase {"prompt","label"}; sonnets {"prompt",
                                     # "reference","full_reference"}; jsonl: the held-out rows themselves
     eval_pairs: list[dict]          # selection preference pairs, implicit-reward accuracy ([] for SFT-only data)
@@ -479,6 +478,12 @@ class TaskData:
                   "eval_pairs": self.eval_pairs, "test_rows": self.test_rows, "test_pairs": self.test_pairs,
                   "unscored_prompts": self.unscored_prompts}
         return {name: dataset_hash(rows) for name, rows in splits.items() if rows}
+
+
+# Tasks whose preference pairs take rejected responses sampled from the starting policy
+# (`prefnb.precompute.sampled_rejections`, then :func:`sonnet_sampled_pairs`) when
+# rejected_source is 'sampled'.
+SAMPLED_REJECTIONS = frozenset({"sonnets"})
 
 
 def _train_subset(items: list, params) -> list:
@@ -500,10 +505,10 @@ def _stats(read: int, skipped: int, train: int, selection: int, report: int) -> 
             "report_split": report}
 
 
-def _load_paraphrase(params) -> TaskData:
+def _load_paraphrase(params, session: Session | None) -> TaskData:
     path = data_file(resolve_data_dir(params.data_dir), QUORA_FILE)
     problems: list[str] = []
-    pairs = read_quora(path, problems)
+    pairs = read_quora(path, problems, session)
     split = split_indices(len(pairs), params.data_seed)  # selection = dev, report = test
     train = _train_subset([pairs[i] for i in split["train"]], params)
     dev = _cap([pairs[i] for i in split["dev"]], params.max_eval_examples)
@@ -530,7 +535,7 @@ def _sonnet_pairs(sonnets: Sequence[Sonnet], data_seed: int) -> list[dict]:
     return [] if len(rows) < 2 else sonnet_preference_rows(rows, other_continuations(rows, data_seed))
 
 
-def _load_sonnets(params) -> TaskData:
+def _load_sonnets(params, session: Session | None) -> TaskData:
     data_dir = resolve_data_dir(params.data_dir)
     paths = {key: data_file(data_dir, name) for key, name in SONNET_FILES.items()}
     train_all = read_sonnets(paths["train"])
@@ -564,7 +569,7 @@ def _load_sonnets(params) -> TaskData:
                     [s.prompt for s in unscored], {p.name: file_sha256(p) for p in paths.values()}, stats)
 
 
-def _load_jsonl(params) -> TaskData:
+def _load_jsonl(params, session: Session | None) -> TaskData:
     if not params.data_path:
         raise DataError("task 'jsonl' needs `data_path` (a JSONL file or a dataset id)")
     rows = load_user_rows(params.data_path)
@@ -582,13 +587,13 @@ def _load_jsonl(params) -> TaskData:
 _LOADERS = {"paraphrase": _load_paraphrase, "sonnets": _load_sonnets, "jsonl": _load_jsonl}
 
 
-def load_task(params) -> TaskData:
+def load_task(params, session: Session | None = None) -> TaskData:
     """Everything a run reads, from a `prefnb.config.RunParams` (task, data_dir, data_path,
     data_seed, train_size, max_train_examples, max_eval_examples, max_test_examples, rejected_source,
-    seed)."""
+    seed); ``session`` keeps parsed files for the next run of an in-process sweep."""
     if params.task not in _LOADERS:
         raise DataError(f"unknown task {params.task!r} (known: {', '.join(_LOADERS)})")
-    data = _LOADERS[params.task](params)
+    data = _LOADERS[params.task](params, session)
     for name, rows in (("train", data.train_sft), ("dev", data.eval_rows)):
         if not rows:  # subsetting keeps >= 1 row of a non-empty split, so the data is too small
             raise DataError(f"task '{data.task}': the {name} split is empty ({data.stats.get('rows_read', 0)} "

@@ -7,13 +7,14 @@ Metric names follow DESIGN.md contract 2: ``<split>/accuracy``, ``<split>/f1``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from prefnb.logprobs import encode, score_all
+from prefnb.data import ANSWERS
+from prefnb.logprobs import encode, score_all, score_pairs
 
-ANSWER_YES, ANSWER_NO = " yes", " no"
 # The sampled decoding of the benchmark these sonnet files come from (its sonnet generation
 # samples with temperature 1.2 and nucleus mass 0.9); reported as test/chrf_sampled beside greedy.
 BENCHMARK_SAMPLING = {"temperature": 1.2, "top_p": 0.9}
@@ -37,7 +38,7 @@ def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: in
     """
     items = []
     for row in rows:
-        for answer in row.get("answers", (ANSWER_YES, ANSWER_NO)):  # [yes, no]; see prefnb.prompts
+        for answer in row.get("answers", (ANSWERS[True], ANSWERS[False])):  # [yes, no]; see prefnb.prompts
             items.append(encode(tokenizer, row["prompt"], answer, max_length=max_length, add_eos=False))
     scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device)
     yes, no = scores[0::2], scores[1::2]
@@ -111,3 +112,71 @@ def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rej
     a tie (margin exactly 0, e.g. a policy still equal to its reference) counts as not ranked."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return float((margin > 0).float().mean()) if margin.numel() else float("nan")
+
+
+# ---------------------------------------------------------------------------------------
+# one held-out split of a run: its task's metrics, then implicit-reward accuracy
+# ---------------------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    """One held-out split: ``name`` is the metric prefix, "eval" (selection: picks the best
+    checkpoint) or "test" (report: scored once, on the selected checkpoint, after training)."""
+
+    name: str
+    rows: list[dict]
+    pairs: list[dict]
+    reference: tuple[torch.Tensor, torch.Tensor]  # log π_ref(chosen), log π_ref(rejected) of ``pairs``: [P] each
+    # The same under the base model a chain of runs (SFT → DPO) started from, where that is not
+    # the run's own reference: the implicit reward of everything the chain learnt, not just this run.
+    chain_base_reference: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _paraphrase(model, tokenizer, split: HeldOut, params, encoders, device) -> dict[str, float]:
+    return paraphrase_metrics(model, tokenizer, split.rows, max_length=params.max_length,
+                              batch_size=params.eval_batch_size, device=device, split=split.name)
+
+
+def _sonnets(model, tokenizer, split: HeldOut, params, encoders, device) -> dict[str, float]:
+    """chrF of greedy (or top-p: ``generation``) continuations; with ``eval_sampled``, the report
+    split also with the benchmark's sampled decoding (``<split>/chrf_sampled``, …)."""
+    decode = dict(max_new_tokens=params.max_new_tokens, seed=params.seed, batch_size=params.eval_batch_size,
+                  max_length=params.max_length, device=device)
+    prompts = [r["prompt"] for r in split.rows]
+    continuations = generate(model, tokenizer, prompts, greedy=params.generation == "greedy", top_p=params.top_p,
+                             temperature=params.temperature, **decode)
+    metrics = sonnet_metrics(continuations, split.rows, split=split.name)
+    if params.eval_sampled and split.name == "test":
+        sampled = generate(model, tokenizer, prompts, greedy=False, **decode, **BENCHMARK_SAMPLING)
+        metrics.update({f"{name}_sampled": value
+                        for name, value in sonnet_metrics(sampled, split.rows, split=split.name).items()})
+    return metrics
+
+
+def _user_data(model, tokenizer, split: HeldOut, params, encoders, device) -> dict[str, float]:
+    """A user's data has no task metric: SFT runs are scored by held-out NLL per response token."""
+    if params.is_preference:
+        return {}
+    items = [encoders.one(r["prompt"], r["completion"]) for r in split.rows]
+    scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=params.eval_batch_size, device=device)
+    return {f"{split.name}/loss": float(-scores.sum() / sum(e.n_response for e in items))}
+
+
+TASK_METRICS = {"paraphrase": _paraphrase, "sonnets": _sonnets, "jsonl": _user_data}
+
+
+def run_evaluation(model, tokenizer, split: HeldOut, params, encoders, device) -> dict[str, float]:
+    """The metrics of ``model`` on one held-out split, named ``<split.name>/<metric>``: its task's
+    (:data:`TASK_METRICS`), then the implicit-reward accuracy of its preference pairs."""
+    if not split.rows:
+        return {}
+    metrics = TASK_METRICS[params.task](model, tokenizer, split, params, encoders, device)
+    if split.pairs:
+        chosen, rejected = encoders.pairs(split.pairs)
+        chosen_scores, rejected_scores = score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id,
+                                                     batch_size=params.eval_batch_size, device=device)
+        metrics[f"{split.name}/implicit_reward_accuracy"] = implicit_reward_accuracy(
+            chosen_scores, rejected_scores, *split.reference)
+        if split.chain_base_reference is not None:
+            metrics[f"{split.name}/implicit_reward_accuracy_total"] = implicit_reward_accuracy(
+                chosen_scores, rejected_scores, *split.chain_base_reference)
+    return metrics

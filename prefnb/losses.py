@@ -252,19 +252,10 @@ def kto_reference_point(mismatched_policy_logps: Tensor, mismatched_ref_logps: T
     return (mismatched_policy_logps - mismatched_ref_logps).mean().clamp(min=0).detach()
 
 
-PREFERENCE_LOSSES: dict[str, Callable] = {
-    "dpo": dpo,
-    "cdpo": cdpo,
-    "robust": robust,
-    "ipo": ipo,
-    "hinge": hinge,
-    "simpo": simpo,
-    "cpo": cpo,
-    "orpo": orpo,
-    "kto": kto,
-}
-# Objectives whose loss ignores the reference log-probs: no reference model is loaded.
-REFERENCE_FREE = frozenset({"simpo", "cpo", "orpo"})
+# Each preference objective of `prefnb.objectives.OBJECTIVES` is trained with the function of
+# its name above: that table is the one list of objectives (and of the reference-free ones).
+PREFERENCE_LOSSES: dict[str, Callable] = {kind: globals()[kind] for kind in objectives.PREFERENCE_OBJECTIVES}
+REFERENCE_FREE = objectives.REFERENCE_FREE
 
 
 def loss_options(kind: str) -> tuple[str, ...]:
@@ -280,10 +271,12 @@ _COMMON = frozenset({"beta", "chosen_lengths", "rejected_lengths", "kl"})
 
 
 def _preference_fn(kind: str) -> Callable:
-    try:
-        return PREFERENCE_LOSSES[kind]
-    except KeyError:
-        raise ValueError(f"unknown preference loss '{kind}'; choose from {sorted(PREFERENCE_LOSSES)}") from None
+    """The loss of preference objective ``kind``: the function of that name in this module."""
+    fn = globals().get(kind) if kind in objectives.OBJECTIVES and objectives.is_preference(kind) else None
+    if not callable(fn):
+        known = [k for k in objectives.OBJECTIVES if objectives.is_preference(k)]
+        raise ValueError(f"unknown preference loss '{kind}'; choose from {sorted(known)}")
+    return fn
 
 
 def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -291,7 +284,7 @@ def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen
     """Per-pair preference loss and implicit rewards.
 
     Args:
-        kind: a key of ``PREFERENCE_LOSSES``.
+        kind: a preference objective of `prefnb.objectives.OBJECTIVES`.
         policy_chosen_logps, policy_rejected_logps: [B] summed log π(y|x) of each response.
         ref_chosen_logps, ref_rejected_logps: [B] the same under the reference (zeros for a
             reference-free "probability reward"; log π_ref(y) without the prompt for the

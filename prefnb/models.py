@@ -18,6 +18,7 @@ from torch import nn
 
 from prefnb import embedded
 from prefnb.cache import file_version
+from prefnb.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,21 @@ def disable_dropout(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------
 # references and identities
 # ---------------------------------------------------------------------------------------
+def tokenizer_identity(tokenizer) -> str:
+    """Hash of the files ``save_pretrained`` writes for ``tokenizer`` (vocabulary, merges,
+    normaliser, pre-tokeniser, special and added tokens, chat template): equal identities ⇒
+    the same text gives the same ids. The reference cache keys on it; unlike
+    :func:`tokenizer_fingerprint`, two tokenizers that differ only in normalisation differ here."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="prefnb-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return _hash_files(hashlib.sha256(), [p for p in Path(folder).iterdir() if p.is_file()])
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the vocabulary and special tokens: equal fingerprints ⇒ the same token ids."""
+    """Hash of the vocabulary and special tokens: equal fingerprints ⇒ the same token ids
+    (a reference of the same family is comparable: `check_same_tokenizer`)."""
     vocab = sorted(tokenizer.get_vocab().items())
     special = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
@@ -237,26 +251,25 @@ def holds_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and ((path / CHECKPOINT_RECORD).is_file() or (path / "checkpoint").is_dir())
 
 
-def _hash_files(digest, files) -> str:
+def _hash_files(digest, files, session: Session | None = None) -> str:
     """Update ``digest`` with each file's name and bytes, in name order; 16 hex digits.
 
-    Kept per process while the files are unchanged: a sweep's runs starting from the same
-    checkpoint would otherwise each read and hash its weights (~0.5 s for GPT-2 124M).
+    A ``session`` keeps it while the files are unchanged: a sweep's runs starting from the
+    same checkpoint would otherwise each read and hash its weights (~0.5 s for GPT-2 124M).
     """
     files = sorted(files)
-    key = (digest.copy().hexdigest(), tuple(file_version(f) for f in files))  # the digest may come seeded
-    if key not in _FILE_HASHES:
+
+    def compute():
         for file in files:
             digest.update(file.name.encode())
             digest.update(file.read_bytes())
-        _FILE_HASHES[key] = digest.hexdigest()[:16]
-    return _FILE_HASHES[key]
+        return digest.hexdigest()[:16]
+
+    key = (digest.copy().hexdigest(), tuple(file_version(f) for f in files))  # the digest may come seeded
+    return (session or Session()).memo("file_hashes", key, compute, keep=64)
 
 
-_FILE_HASHES: dict[tuple, str] = {}
-
-
-def weights_identity(source: str, seed: int) -> str:
+def weights_identity(source: str, seed: int, session: Session | None = None) -> str:
     """A string that changes whenever the weights of ``source`` do (for cache keys).
 
     ``source`` is a run, checkpoint or model directory (hashed by content), 'tiny' (config +
@@ -267,7 +280,7 @@ def weights_identity(source: str, seed: int) -> str:
     if holds_checkpoint(path):
         ckpt = checkpoint_dir(path)
         digest = hashlib.sha256((ckpt / CHECKPOINT_RECORD).read_bytes())  # a LoRA record names its base
-        return f"checkpoint:{_hash_files(digest, ckpt.glob('*.safetensors'))}"
+        return f"checkpoint:{_hash_files(digest, ckpt.glob('*.safetensors'), session)}"
     if source == TINY:
         return f"tiny:{json.dumps(TINY_CONFIG, sort_keys=True)}:seed{seed}"
     if source in embedded.EMBEDDED:
@@ -277,7 +290,7 @@ def weights_identity(source: str, seed: int) -> str:
             raise ModelLoadError(str(err)) from None
     if path.is_dir():  # a local model directory can be overwritten in place: hash what it holds
         files = [*path.glob("config.json"), *path.glob("*.safetensors"), *path.glob("*.bin")]
-        return f"directory:{_hash_files(hashlib.sha256(), files)}"
+        return f"directory:{_hash_files(hashlib.sha256(), files, session)}"
     return f"pretrained:{source}"
 
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import ast
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from prefnb.config import FIELDS, RunParams, resolve_params
-from prefnb.rundir import read_metrics
+from prefnb.rundir import atomic_write, read_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,23 +119,12 @@ def plot_history(params_or_dir, *, save: bool = True):
     if not save:
         return fig
     path = run_dir(params_or_dir) / "history.png"
-    _atomic_savefig(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(fig)  # show the saved file rather than render the figure a second time
     from IPython.display import Image, display
 
     display(Image(filename=str(path)))
     return fig
-
-
-def _atomic_savefig(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def metrics_table(params: RunParams, metrics: Mapping[str, float] | None = None) -> "pd.DataFrame":

@@ -3,23 +3,22 @@
 exactly as the loop will score it), and on-policy rejected samples.
 
 Cached on disk by what they depend on, not by run (contract 6 of DESIGN.md), so a β sweep or
-the seven variants compute them once; tokens are kept per process, so the runs of an
-in-process sweep (`prefnb train --sweep`) tokenise each example once between them.
+the seven variants compute them once; tokens are kept by the `prefnb.session.Session`, so the
+runs of an in-process sweep (`prefnb train --sweep`) tokenise each example once between them.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from prefnb import data as data_lib
 from prefnb import evaluate, models
 from prefnb.cache import cache_key, cached
-from prefnb.config import RunParams
 from prefnb.logprobs import Encoded, collate_pairs, encode, score_pairs, sequence_logps, start_token_id, to_device
+from prefnb.session import RunContext, Session
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +34,15 @@ class Encoders:
     tokenizer: object
     max_length: int
     add_eos: bool
-    # models.tokenizer_fingerprint, computed once: it hashes the whole vocabulary (~0.2 s for
-    # GPT-2's) and every reference cache key needs it.
-    fingerprint: str | None = None
+    # models.tokenizer_identity, computed once: every reference cache key needs it.
+    identity: str | None = None
     # Each (prompt, response) is tokenised once per run, though references, training and
     # evaluation all ask for it (slow tokenizers make this seconds of start-up).
     _memo: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.fingerprint is None:
-            self.fingerprint = models.tokenizer_fingerprint(self.tokenizer)
+        if self.identity is None:
+            self.identity = models.tokenizer_identity(self.tokenizer)
 
     def one(self, prompt: str, response: str, *, prior: bool = False, eos: bool = True) -> Encoded:
         """``eos=False``: no EOS after this response even where the task adds one (a sampled
@@ -63,34 +61,25 @@ class Encoders:
                 [self.one(r["prompt"], r["rejected"], prior=prior, eos=r.get("rejected_eos", True)) for r in rows])
 
     @classmethod
-    def shared(cls, tokenizer, max_length: int, add_eos: bool) -> "Encoders":
-        """The process's Encoders for these settings, so that the runs of an in-process sweep
-        (`prefnb train --sweep`) tokenise each example once between them. Tokenizers with
-        the same class, vocabulary and special tokens give the same ids (the reference cache
-        relies on the same fingerprint)."""
-        fingerprint = models.tokenizer_fingerprint(tokenizer)
-        key = (type(tokenizer).__name__, fingerprint, max_length, add_eos)
-        if key not in _SHARED_ENCODERS:
-            if len(_SHARED_ENCODERS) >= 4:  # a few settings at a time; the oldest goes
-                _SHARED_ENCODERS.pop(next(iter(_SHARED_ENCODERS)))
-            _SHARED_ENCODERS[key] = cls(tokenizer, max_length, add_eos, fingerprint)
-        return _SHARED_ENCODERS[key]
+    def of(cls, tokenizer, max_length: int, add_eos: bool, session: Session | None = None) -> "Encoders":
+        """Encoders for these settings; a ``session``'s from an earlier run with the same tokenizer
+        files (`models.tokenizer_identity`), so that the runs of an in-process sweep
+        (`prefnb train --sweep`) tokenise each example once between them."""
+        identity = models.tokenizer_identity(tokenizer)
+        return (session or Session()).memo("encoders", (identity, max_length, add_eos),
+                                           lambda: cls(tokenizer, max_length, add_eos, identity))
 
 
-_SHARED_ENCODERS: dict[tuple, Encoders] = {}
-
-
-def _reference(kind: str, seed: int, start_model, tokenizer, start_identity: str, device):
+def _reference(kind: str, seed: int, run: RunContext):
     """(identity for cache keys, a loader of the reference model) for reference ``kind``:
     policy and prior: the starting policy; anything else: that model (tokenizer checked)."""
     if kind in ("policy", "prior"):
-        return start_identity, lambda: start_model
-    return (models.weights_identity(kind, seed),
-            lambda: models.load_reference_model(kind, tokenizer, seed).to(device))
+        return run.start_identity, lambda: run.start_model
+    return (models.weights_identity(kind, seed, run.session),
+            lambda: models.load_reference_model(kind, run.tokenizer, seed).to(run.device))
 
 
-def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoders, rows, *, split: str,
-                    cache_dir: Path, start_identity: str, device,
+def reference_logps(run: RunContext, rows, *, split: str,
                     source: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_ref(chosen), log π_ref(rejected) for every pair in ``rows``: [N] each, on CPU.
 
@@ -100,23 +89,23 @@ def reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoder
     ``source`` = (model, seed) scores with that model instead of ``params.reference`` (the base
     model a chain of runs started from: `models.chain_base`).
     """
+    params, encoders = run.params, run.encoders
     kind, seed = source if source else (params.reference, params.seed)
     if kind == "none" or not rows:
         zeros = torch.zeros(len(rows))
         return zeros, zeros.clone()
-    identity, load = _reference(kind, seed, start_model, tokenizer, start_identity, device)
+    identity, load = _reference(kind, seed, run)
     key = cache_key(reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
-                    tokenizer=encoders.fingerprint, max_length=params.max_length,
-                    add_eos=encoders.add_eos)
+                    tokenizer=encoders.identity, max_length=params.max_length, add_eos=encoders.add_eos)
 
     def compute():
         ref_model = load()
         chosen, rejected = encoders.pairs(rows, prior=kind == "prior")
-        scores = score_pairs(ref_model, chosen, rejected, pad_id=tokenizer.pad_token_id,
-                             batch_size=params.eval_batch_size, device=device)
+        scores = score_pairs(ref_model, chosen, rejected, pad_id=run.tokenizer.pad_token_id,
+                             batch_size=params.eval_batch_size, device=run.device)
         return {"chosen": scores[0], "rejected": scores[1]}
 
-    value, hit = cached(cache_dir, "reference_logps", key, compute)
+    value, hit = cached(run.cache_dir, "reference_logps", key, compute)
     log.info("reference log-probs (%s, %s split, %d pairs): %s", kind, split, len(rows), "cache hit" if hit else "computed")
     return value["chosen"], value["rejected"]
 
@@ -139,12 +128,11 @@ def batch_encodings(encoders: Encoders, rows, batch: list[int], *, prior: bool =
                   for i, j in zip(batch, responses)] for side in ("chosen", "rejected"))
 
 
-def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: Encoders, rows, batches: list[list[int]],
-                          *, hidden_size, autocast, mixed_precision: str, with_mismatched: bool, cache_dir: Path,
-                          start_identity: str, device) -> dict[str, torch.Tensor]:
+def batch_reference_logps(run: RunContext, rows, batches: list[list[int]], *, with_mismatched: bool
+                          ) -> dict[str, torch.Tensor]:
     """The reference log-probs of every training micro-batch, scored exactly as the loop scores
     the policy: the same batches, the same row layout (shared-prompt or two rows, decided per
-    batch by ``collate_pairs``), under the same ``autocast`` context. Rounding then matches
+    batch by ``collate_pairs``), under the same autocast context (the run's accelerator's). Rounding then matches
     bit for bit, so at step 0 (policy = reference) every log-ratio is 0 and the DPO loss is
     ln 2 whatever the precision; the held-out rows' reference (:func:`reference_logps`) would
     differ from a bf16 policy by batch-shape- and precision-dependent rounding.
@@ -157,16 +145,17 @@ def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: E
     ``with_mismatched`` (KTO's reference point) also "kl_chosen", "kl_rejected" [M, B], the
     reference log-probs of the mismatched pairs (:func:`batch_encodings` with kl=True).
     """
-    kind = params.reference
+    params, encoders, kind = run.params, run.encoders, run.params.reference
     shape = (len(batches), len(batches[0]) if batches else 0)
     if kind == "none":
         zeros = torch.zeros(shape)
         return {name: zeros for name in ("chosen", "rejected", "kl_chosen", "kl_rejected")}
-    identity, load = _reference(kind, params.seed, start_model, tokenizer, start_identity, device)
+    identity, load = _reference(kind, params.seed, run)
     key = cache_key(version=1, reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
-                    tokenizer=encoders.fingerprint, max_length=params.max_length, add_eos=encoders.add_eos,
-                    batches=data_lib.dataset_hash(batches), hidden_size=hidden_size, mixed_precision=mixed_precision,
-                    device=torch.device(device).type, with_mismatched=with_mismatched)
+                    tokenizer=encoders.identity, max_length=params.max_length, add_eos=encoders.add_eos,
+                    batches=data_lib.dataset_hash(batches), hidden_size=run.hidden_size,
+                    mixed_precision=run.accelerator.mixed_precision, device=run.device.type,
+                    with_mismatched=with_mismatched)
 
     @torch.no_grad()
     def compute():
@@ -177,40 +166,39 @@ def batch_reference_logps(params: RunParams, start_model, tokenizer, encoders: E
         for m, batch in enumerate(batches):
             for prefix, kl in (("", False), ("kl_", True)) if with_mismatched else (("", False),):
                 chosen, rejected = batch_encodings(encoders, rows, batch, prior=kind == "prior", kl=kl)
-                collated = to_device(collate_pairs(chosen, rejected, tokenizer.pad_token_id, hidden_size=hidden_size),
-                                     device)
-                with autocast():
+                collated = to_device(collate_pairs(chosen, rejected, run.tokenizer.pad_token_id,
+                                                   hidden_size=run.hidden_size), run.device)
+                with run.accelerator.autocast():
                     logps, _ = sequence_logps(ref_model, collated)
                 out[prefix + "chosen"][m], out[prefix + "rejected"][m] = logps.float().cpu().chunk(2)
         ref_model.train(was_training)
         return out
 
-    value, hit = cached(cache_dir, "batch_reference_logps", key, compute)
+    value, hit = cached(run.cache_dir, "batch_reference_logps", key, compute)
     log.info("reference log-probs (%s, %d training micro-batches): %s", kind, len(batches),
              "cache hit" if hit else "computed")
     return value
 
 
-def sampled_rejections(params: RunParams, start_model, tokenizer, rows, *, cache_dir: Path, start_identity: str,
-                       device) -> list[tuple[str, bool]]:
+def sampled_rejections(run: RunContext, rows) -> list[tuple[str, bool]]:
     """On-policy rejected continuations: top-p samples of the starting (reference/SFT) model,
     each with whether the model emitted EOS (`prefnb.data.sonnet_sampled_pairs` trims them).
 
     They are training data, so they are drawn with ``data_seed`` (the seed that fixes the splits),
     not the run's ``seed``: every run from the same starting model shares one set, whatever its
     training seed, and the seeds of a study vary initialisation and data order only."""
+    params = run.params
     # version 3: sampled with data_seed (version 2 used the run's seed).
-    key = cache_key(version=3, model=start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
+    key = cache_key(version=3, model=run.start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
                     max_new_tokens=params.max_new_tokens, top_p=params.top_p, temperature=params.temperature,
                     data_seed=params.data_seed, max_length=params.max_length)
 
     def compute():
         return evaluate.generate_with_ends(
-            start_model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens, greedy=False,
-            top_p=params.top_p, temperature=params.temperature, seed=params.data_seed,
-            batch_size=params.eval_batch_size,
-            max_length=params.max_length, device=device)
+            run.start_model, run.tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens,
+            greedy=False, top_p=params.top_p, temperature=params.temperature, seed=params.data_seed,
+            batch_size=params.eval_batch_size, max_length=params.max_length, device=run.device)
 
-    value, hit = cached(cache_dir, "sampled_rejections", key, compute)
+    value, hit = cached(run.cache_dir, "sampled_rejections", key, compute)
     log.info("sampled rejected continuations (%d): %s", len(rows), "cache hit" if hit else "generated")
     return [(text, bool(ended)) for text, ended in value]

@@ -30,15 +30,16 @@ class PreflightError(ParamsError):
     """A value the data or the machine cannot serve; one line naming the key."""
 
 
-def check(params: RunParams, out_dir: Path, cache_dir: Path):
+def check(params: RunParams, out_dir: Path, cache_dir: Path, session=None):
     """Raise PreflightError (or the loaders' DataError / ModelLoadError) before any work.
 
-    Returns the run's task data (`prefnb.data.TaskData`), which the batch check had to load:
-    the run uses it rather than loading it a second time."""
+    Returns the run's task data (`prefnb.data.TaskData`), which the batch check had to load
+    (with ``session``'s parsed files, `prefnb.session`): the run uses it rather than loading
+    it a second time."""
     check_writable(out_dir, "output_dir")
     check_writable(cache_dir, "cache_dir")
     check_precision(params)
-    task = check_batch(params)
+    task = check_batch(params, session)
     check_model(params)
     return task
 
@@ -77,12 +78,12 @@ def check_precision(params: RunParams) -> None:
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------
-def check_batch(params: RunParams):
+def check_batch(params: RunParams, session=None):
     """The training split must fill one optimizer step without repeating an example in it.
     Returns the loaded task data."""
     from prefnb.data import load_task
 
-    task = load_task(params)
+    task = load_task(params, session)
     n_train = len(task.train_pairs if params.is_preference and task.train_pairs is not None else task.train_sft)
     per_step = params.batch_size * params.grad_accum_steps
     if n_train < per_step:

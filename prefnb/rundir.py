@@ -12,25 +12,32 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MARKER = "COMPLETE"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either its old content or all of the new one."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write a file so that ``path`` holds either its old content or all of the new one: the
+    project's one way to write a file atomically. ``write(tmp)`` writes the new content to a
+    temporary file beside ``path`` (same folder, so the rename cannot cross file systems; same
+    suffix, so writers that go by it, e.g. savefig, pick the right format); it is synced to
+    disk, then renamed over ``path``. On any error the temporary file goes and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

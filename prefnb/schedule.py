@@ -32,27 +32,27 @@ def lr_scheduler(optimizer, kind: str, *, warmup_steps: int, total_steps: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def batch_indices(micro_step: int, *, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Example indices of one micro-batch on one process.
+def micro_batches(steps: range, *, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+                  ) -> list[list[int]]:
+    """Example indices of micro-batches ``steps`` on one process.
 
     The data is an endless stream of epochs, each a permutation seeded by (seed, epoch);
     micro-batch m of the global run covers stream positions [m·B·W, (m+1)·B·W), and
     process r takes its B of them.
     """
-    start = (micro_step * world + rank) * batch_size
-    out = []
-    for pos in range(start, start + batch_size):
+    permutation: dict[int, np.ndarray] = {}  # the current epoch's: positions only move forward
+
+    def example(pos: int) -> int:
         epoch, offset = divmod(pos, n)
-        out.append(int(_epoch_permutation(n, seed, epoch)[offset]))
-    return out
+        if epoch not in permutation:
+            permutation.clear()
+            permutation[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        return int(permutation[epoch][offset])
+
+    return [[example(pos) for pos in range((m * world + rank) * batch_size, (m * world + rank + 1) * batch_size)]
+            for m in steps]
 
 
-_PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERMUTATIONS:
-        _PERMUTATIONS.clear()  # only the current epoch (and the next) are ever needed
-        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERMUTATIONS[key]
+def batch_indices(micro_step: int, **stream) -> list[int]:
+    """Example indices of one micro-batch (:func:`micro_batches`' arguments)."""
+    return micro_batches(range(micro_step, micro_step + 1), **stream)[0]

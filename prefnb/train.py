@@ -1,9 +1,10 @@
 """One training loop for every objective: SFT (any f-divergence) and every preference loss.
 
-Reads top to bottom: set up → data → starting policy → reference log-probs (once, cached:
-`prefnb.precompute`) → LoRA → optimiser → loop → evaluate → write the run directory.
-Objectives plug in as two step functions (`sft_step`, `preference_step`); there is no
-trainer class hierarchy.
+Reads top to bottom: set up (checks, accelerator, starting policy) → prepare (the objective's
+training rows and reference log-probs, the held-out splits' references: once, cached by
+`prefnb.precompute`) → loop → evaluate → write the run directory. Objectives plug in through
+`prefnb.plugins` (rows, prepare, batch, step); there is no trainer class hierarchy, and
+nothing here depends on the objective or the task.
 
 Runs on accelerate: CPU, one GPU (bf16 autocast) or several (`accelerate launch`; each
 process takes its slice of every global batch). The loop never syncs with the host
@@ -18,132 +19,32 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from prefnb import data as data_lib
-from prefnb import evaluate, losses, models, preflight
+from prefnb import models, preflight
 from prefnb.config import RunParams, save_params
-from prefnb.logprobs import (collate, collate_pairs, response_token_logps, score_all, score_pairs, sequence_logps,
-                             to_device)
+from prefnb.evaluate import HeldOut, run_evaluation
 from prefnb.manifest import write_manifest
-from prefnb.precompute import (ADD_EOS, Encoders, batch_encodings, batch_reference_logps, reference_logps,
-                               sampled_rejections)
+from prefnb.plugins import plugin_for
+from prefnb.precompute import ADD_EOS, Encoders, reference_logps
 from prefnb.prompts import apply_prompt_format
-from prefnb.rundir import atomic_write_json, now_iso
-from prefnb.schedule import batch_indices, lr_scheduler
+from prefnb.rundir import atomic_write, atomic_write_json, now_iso
+from prefnb.schedule import lr_scheduler, micro_batches
+from prefnb.session import RunContext, Session
 from prefnb.timing import StepClock, peak_memory_bytes, process_peak_rss_bytes, reset_peak_memory, synchronize
 
 log = logging.getLogger(__name__)
 
 STATE_DIR, CHECKPOINT_DIR = "state", "checkpoint"
-# Training runs started in this process: only the first one's process peak RSS is its own.
-_RUNS_IN_PROCESS = {"started": 0}
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a missing dependency); the message says where."""
-
-
-# ---------------------------------------------------------------------------------------
-# objectives: one step function each, returning (loss, metric tensors summed over the batch)
-# ---------------------------------------------------------------------------------------
-def sft_step(model, batch, params: RunParams):
-    """Token-mean f-divergence SFT loss over the response tokens of the batch."""
-    token_logps, _ = response_token_logps(model, batch)
-    loss = losses.token_loss(params.sft_loss, token_logps).mean()
-    return loss, {"loss": loss.detach(), "mean_token_logp": token_logps.detach().mean()}
-
-
-def preference_step(model, batch, params: RunParams, ref_chosen, ref_rejected, mismatched=None):
-    """Chosen and rejected in one forward: [chosen; rejected] rows, or one row per pair with
-    the prompt shared (`prefnb.logprobs.collate_pairs`).
-
-    ``mismatched`` (KTO): the batch's prompts paired with the previous pair's responses
-    (`prefnb.precompute.batch_encodings`), with their ``reference_logps`` [2, B]; their
-    policy log-probs, without gradient, give KTO's reference point z₀
-    (`losses.kto_reference_point`), estimated on each process's own micro-batch.
-    """
-    logps, lengths = sequence_logps(model, batch)
-    pc, pr = logps.chunk(2)
-    lc, lr = lengths.chunk(2)
-    options = params.loss_options()
-    if mismatched is not None:
-        with torch.no_grad():
-            kl_logps, _ = sequence_logps(model, mismatched)
-        options["kl"] = losses.kto_reference_point(kl_logps, mismatched["reference_logps"].reshape(-1))
-    per_pair, chosen_rewards, rejected_rewards = losses.preference_loss(
-        params.objective, pc, pr, ref_chosen, ref_rejected, beta=params.beta,
-        chosen_lengths=lc, rejected_lengths=lr, **options)
-    loss = per_pair.mean()
-    metrics = {
-        "loss": loss.detach(),
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": pc.detach().mean(),
-        "logps/rejected": pr.detach().mean(),
-    }
-    return loss, metrics
-
-
-# ---------------------------------------------------------------------------------------
-# evaluation during and after training
-# ---------------------------------------------------------------------------------------
-@dataclass
-class HeldOut:
-    """One held-out split: ``name`` is the metric prefix, "eval" (selection: picks the best
-    checkpoint) or "test" (report: scored once, on the selected checkpoint, after training)."""
-
-    name: str
-    rows: list[dict]
-    pairs: list[dict]
-    reference: tuple[torch.Tensor, torch.Tensor]  # log π_ref(chosen), log π_ref(rejected) of ``pairs``: [P] each
-    # The same under the base model a chain of runs (SFT → DPO) started from, where that is not
-    # the run's own reference: the implicit reward of everything the chain learnt, not just this run.
-    chain_base_reference: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def run_evaluation(model, tokenizer, split: HeldOut, params: RunParams, encoders: Encoders, device) -> dict[str, float]:
-    """The task metrics of ``model`` on one held-out split, named ``<split.name>/<metric>``."""
-    metrics: dict[str, float] = {}
-    prefix = split.name
-    if not split.rows:
-        return metrics
-    if params.task == "paraphrase":
-        metrics.update(evaluate.paraphrase_metrics(model, tokenizer, split.rows, max_length=params.max_length,
-                                                   batch_size=params.eval_batch_size, device=device, split=prefix))
-    elif params.task == "sonnets":
-        continuations = evaluate.generate(
-            model, tokenizer, [r["prompt"] for r in split.rows], max_new_tokens=params.max_new_tokens,
-            greedy=params.generation == "greedy", top_p=params.top_p, temperature=params.temperature,
-            seed=params.seed, batch_size=params.eval_batch_size, max_length=params.max_length, device=device)
-        metrics.update(evaluate.sonnet_metrics(continuations, split.rows, split=prefix))
-        if params.eval_sampled and prefix == "test":
-            sampled = evaluate.generate(
-                model, tokenizer, [r["prompt"] for r in split.rows], max_new_tokens=params.max_new_tokens,
-                greedy=False, seed=params.seed, batch_size=params.eval_batch_size, max_length=params.max_length,
-                device=device, **evaluate.BENCHMARK_SAMPLING)
-            metrics.update({f"{name}_sampled": value
-                            for name, value in evaluate.sonnet_metrics(sampled, split.rows, split=prefix).items()})
-    elif not params.is_preference:  # user SFT data: held-out NLL per response token
-        items = [encoders.one(r["prompt"], r["completion"]) for r in split.rows]
-        scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=params.eval_batch_size, device=device)
-        metrics[f"{prefix}/loss"] = float(-scores.sum() / sum(e.n_response for e in items))
-    if split.pairs:
-        chosen, rejected = encoders.pairs(split.pairs)
-        chosen_scores, rejected_scores = score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id,
-                                                     batch_size=params.eval_batch_size, device=device)
-        metrics[f"{prefix}/implicit_reward_accuracy"] = evaluate.implicit_reward_accuracy(
-            chosen_scores, rejected_scores, *split.reference)
-        if split.chain_base_reference is not None:
-            metrics[f"{prefix}/implicit_reward_accuracy_total"] = evaluate.implicit_reward_accuracy(
-                chosen_scores, rejected_scores, *split.chain_base_reference)
-    return metrics
 
 
 def is_better(metric: str, new: float, old: float | None) -> bool:
@@ -180,15 +81,75 @@ def _mixed_precision(params: RunParams) -> str:
     return "no"
 
 
-def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
+def train(params: RunParams, *, progress: bool = True, session: Session | None = None) -> dict[str, float]:
     """Train and evaluate one run; write params.yaml, history.jsonl, metrics.json, manifest.json
     and checkpoint/ into ``params.resolved_output_dir()``. Returns the final metrics.
 
-    The completion marker is not written here: the caller (CLI or study) writes it last.
+    ``session``: what the runs of one process share (`prefnb.session`; `prefnb train --sweep`
+    passes one from run to run); none: a new one. The completion marker is not written here:
+    the caller (CLI or study) writes it last.
     """
     started, started_at = time.perf_counter(), now_iso()  # before the imports: start-up counts them
+    session = session or Session()
+    run, task = _set_up(params, session)
+    objective = plugin_for(run)
+    n_train = objective.rows(task)
+    # The micro-batches, fixed in advance: a pure function of (step, seed, rank).
+    batches = micro_batches(range(params.max_steps * params.grad_accum_steps), n=n_train,
+                            batch_size=params.batch_size, seed=params.seed, rank=run.accelerator.process_index,
+                            world=run.accelerator.num_processes)
+    # Reference log-probs: once, before training, so no reference forward runs in the loop.
+    reference_started = time.perf_counter()
+    objective.prepare(batches)
+    selection, report = _held_out(run, task)
+    reference_seconds = time.perf_counter() - reference_started
+
+    state = RunState(run, selection, first_in_process=session.runs_started == 1)
+    policy, optimizer, scheduler, (trainable, total) = _policy_and_optimizer(run, objective)
+    state.resume(policy, optimizer, scheduler)
+    clock = StepClock(run.device, params.max_steps, started=started)  # syncs at steps 1 and warm-up only
+    loop_started, steps_at_start = time.perf_counter(), state.step
+    _loop(state, objective, policy, optimizer, scheduler, batches, clock, n_train, progress)
+    train_seconds = time.perf_counter() - loop_started - state.costs["eval"] - state.costs["checkpoint"]
+
+    # Final evaluation; the report split, once, on the selected checkpoint: the final weights,
+    # or the best checkpoint reloaded when an earlier evaluation won (what a later run's init_from gets).
+    unwrapped = run.accelerator.unwrap_model(policy)
+    final, _ = _evaluate_and_keep_best(state, unwrapped)
+    reported = _report(state, unwrapped, report)
+    tokens = int(run.accelerator.reduce(state.tokens_seen, "sum"))
+    timing = clock.summary()
+    result = {**state.best["metrics"], **reported}
+    result.update({
+        "best_step": state.best["step"],
+        "final/" + params.key_metric: final.get(params.key_metric),
+        "train/loss": _last_loss(state.history_path),
+        "train/steps": state.step,
+        "train/seconds": train_seconds,
+        "train/tokens": tokens,
+        "train/tokens_per_second": tokens / train_seconds if train_seconds > 0 and state.step > steps_at_start else 0.0,
+        "train/first_step_seconds": timing["first_step_seconds"],
+        "train/steady_steps_per_second": _rate(timing["steady_steps"], timing["steady_seconds"]),
+        "train/steady_tokens_per_second": _rate(timing["steady_units"], timing["steady_seconds"]),
+        "train/peak_memory_bytes": peak_memory_bytes(run.device, first_in_process=state.first_in_process),
+        "train/process_peak_rss_bytes": process_peak_rss_bytes(),
+        "eval/seconds": state.costs["eval"],
+        "checkpoint/seconds": state.costs["checkpoint"],
+        "train/trainable_parameters": trainable,
+        "train/total_parameters": total,
+        "reference/seconds": reference_seconds,
+        "run/seconds": time.perf_counter() - started,
+    })
+    _write(run, task, result, started_at)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# set up → prepare
+# ---------------------------------------------------------------------------------------
+def _set_up(params: RunParams, session: Session) -> tuple[RunContext, data_lib.TaskData]:
+    """Checks, accelerator, run directory, seeds, starting policy and tokeniser; the task data."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the run's own progress
@@ -196,272 +157,236 @@ def train(params: RunParams, *, progress: bool = True) -> dict[str, float]:
     cache_dir = Path(params.cache_dir) if params.cache_dir else out_dir.parent.parent / ".cache"
     # Values the data or machine cannot serve fail here, before anything is allocated; the
     # check loads the task data, which the run then uses.
-    task = preflight.check(params, out_dir, cache_dir)
+    task = preflight.check(params, out_dir, cache_dir, session)
     try:
         accelerator = Accelerator(mixed_precision=_mixed_precision(params),
                                   gradient_accumulation_steps=params.grad_accum_steps)
     except ValueError as err:  # accelerate fixes mixed precision once per process
         raise TrainingError(f"precision '{params.precision}': this process already trained with another precision "
                             f"and accelerate cannot switch ({err}); restart the kernel or train in a new process") from err
-    device, main = accelerator.device, accelerator.is_main_process
-    first_in_process = _RUNS_IN_PROCESS["started"] == 0
-    _RUNS_IN_PROCESS["started"] += 1
-    reset_peak_memory(device)
-    # Seconds of evaluation and of checkpoint/state writes, kept out of train/seconds and throughput.
-    costs = {"eval": 0.0, "checkpoint": 0.0}
-    if main:
+    session.runs_started += 1
+    reset_peak_memory(accelerator.device)
+    if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_params(params, out_dir / "params.yaml")
     seed_everything(params.seed)
-
-    # --- data and the starting policy ----------------------------------------------------
     start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
-    start_model.to(device)
+    start_model.to(accelerator.device)
     task = apply_prompt_format(task, tokenizer, params.prompt_format)
-    start_identity = models.weights_identity(params.init_from or params.model, params.seed)
-    encoders = Encoders.shared(tokenizer, params.max_length, ADD_EOS[params.task])
+    run = RunContext(params, session, accelerator, tokenizer, start_model,
+                     start_identity=models.weights_identity(params.init_from or params.model, params.seed, session),
+                     encoders=Encoders.of(tokenizer, params.max_length, ADD_EOS[params.task], session),
+                     out_dir=out_dir, cache_dir=cache_dir)
+    return run, task
 
-    if params.is_preference:
-        train_rows = task.train_pairs
-        if train_rows is None and params.task != "sonnets":
-            raise data_lib.DataError(f"objective '{params.objective}' needs preference data: {params.data_path} has "
-                                     "prompt/completion rows; give prompt/chosen/rejected rows or use objective 'sft'")
-        if train_rows is None:  # sonnets: rejected = samples of the starting policy (on-policy)
-            with accelerator.main_process_first():
-                rejected = sampled_rejections(params, start_model, tokenizer, task.train_sft, cache_dir=cache_dir,
-                                              start_identity=start_identity, device=device)
-            train_rows = data_lib.sonnet_sampled_pairs(task.train_sft, rejected)
-    else:
-        train_rows = task.train_sft
 
-    # --- the micro-batches, fixed in advance: a pure function of (step, seed, rank) --------
-    n_train = len(train_rows)
-    micro_batches = [batch_indices(m, n=n_train, batch_size=params.batch_size, seed=params.seed,
-                                   rank=accelerator.process_index, world=accelerator.num_processes)
-                     for m in range(params.max_steps * params.grad_accum_steps)]
-    hidden_size = getattr(start_model.config, "hidden_size", None)  # decides shared-prompt pair rows
-
-    # --- reference log-probs: once, before training, so no reference forward runs in the loop
-    ref_started = time.perf_counter()
-    reference_free = params.objective in losses.REFERENCE_FREE
-    kto_mismatched = params.objective == "kto" and params.kto_reference_point == "mismatched"
-    with accelerator.main_process_first():
-        if params.is_preference and not reference_free:
-            train_ref = batch_reference_logps(params, start_model, tokenizer, encoders, train_rows, micro_batches,
-                                              hidden_size=hidden_size, autocast=accelerator.autocast,
-                                              mixed_precision=accelerator.mixed_precision,
-                                              with_mismatched=kto_mismatched, cache_dir=cache_dir,
-                                              start_identity=start_identity, device=device)
-        elif params.is_preference:  # simpo/cpo/orpo ignore these: no reference forward at all
-            train_ref = {"chosen": torch.zeros(len(micro_batches), params.batch_size)}
-            train_ref["rejected"] = train_ref["chosen"]
-        selection, report = (
-            HeldOut(name, rows, pairs, reference_logps(params, start_model, tokenizer, encoders, pairs, split=name,
-                                                       cache_dir=cache_dir, start_identity=start_identity,
-                                                       device=device))
-            for name, rows, pairs in (("eval", task.eval_rows, task.eval_pairs),
-                                      ("test", task.test_rows, task.test_pairs)))
+def _held_out(run: RunContext, task: data_lib.TaskData) -> tuple[HeldOut, HeldOut]:
+    """The selection and report splits with their pairs' reference log-probs (cached on disk)."""
+    params = run.params
+    with run.accelerator.main_process_first():
+        selection, report = (HeldOut(name, rows, pairs, reference_logps(run, pairs, split=name))
+                             for name, rows, pairs in (("eval", task.eval_rows, task.eval_pairs),
+                                                       ("test", task.test_rows, task.test_pairs)))
         # A run started from an earlier one (SFT → DPO): also rank the report pairs against the
         # base model the chain started from (test/implicit_reward_accuracy_total).
         base = models.chain_base(params.init_from) if params.init_from else None
         if base and report.pairs and base[0] != params.reference:
-            report.chain_base_reference = reference_logps(params, start_model, tokenizer, encoders, report.pairs,
-                                                          split="test", cache_dir=cache_dir, device=device,
-                                                          start_identity=start_identity, source=base)
-    reference_seconds = time.perf_counter() - ref_started
+            report.chain_base_reference = reference_logps(run, report.pairs, split="test", source=base)
+    return selection, report
 
-    # --- the policy: the starting model, with fresh LoRA adapters when lora_r > 0 ----------
-    policy = start_model
+
+def _policy_and_optimizer(run: RunContext, objective):
+    """The starting model, with fresh LoRA adapters when lora_r > 0, its AdamW and schedule,
+    prepared by accelerate; and its (trainable, total) parameter counts."""
+    params, policy = run.params, run.start_model
     if params.uses_lora:
         policy = models.add_lora(policy, r=params.lora_r, alpha=params.lora_alpha, dropout=params.lora_dropout,
                                  targets=params.lora_target_modules)
-    if params.is_preference:
+    if objective.drops_dropout:
         models.disable_dropout(policy)
     policy.train()
-    trainable, total = models.count_parameters(policy)
-    log.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
-
-    if params.is_preference:
-        chosen_enc, rejected_enc = encoders.pairs(train_rows)
-    else:
-        sft_enc = [encoders.one(r["prompt"], r["completion"]) for r in train_rows]
-
+    counts = models.count_parameters(policy)
+    log.info("policy: %s trainable of %s parameters", f"{counts[0]:,}", f"{counts[1]:,}")
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=params.learning_rate,
                                   weight_decay=params.weight_decay)
-    # The scheduler is stepped by hand once per optimiser step (accelerate would scale it by
-    # the number of processes).
+    # Stepped by hand once per optimiser step (accelerate would scale it by the number of processes).
     scheduler = lr_scheduler(optimizer, params.lr_schedule, warmup_steps=params.warmup_steps,
                              total_steps=params.max_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    unwrapped = accelerator.unwrap_model(policy)
+    policy, optimizer = run.accelerator.prepare(policy, optimizer)
+    return policy, optimizer, scheduler, counts
 
-    # --- resume -------------------------------------------------------------------------
-    step, best = 0, {"metric": None, "value": None, "step": None, "metrics": {}}
-    loop_carry = None
-    history_path = out_dir / "history.jsonl"
-    state_path = out_dir / STATE_DIR / "state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=False, map_location=device)
-        unwrapped.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, best = state["step"], state["best"]
-        loop_carry = state["loop"]
-        log.info("resumed from step %d", step)
-    if main:
-        kept = [line for line in (history_path.read_text().splitlines() if history_path.exists() else [])
-                if json.loads(line).get("step", 0) <= step] if step else []
-        history_path.write_text("".join(line + "\n" for line in kept))
 
-    # --- the loop -----------------------------------------------------------------------
-    sums: dict[str, torch.Tensor] = {}
-    tokens_seen = torch.zeros((), dtype=torch.long, device=device)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    n_since_log = 0
-    if loop_carry:  # running sums since the last history row, so a resumed run logs the same rows
-        sums, n_since_log = loop_carry["sums"], loop_carry["n_since_log"]
-        tokens_seen, first_bad_step = loop_carry["tokens_seen"], loop_carry["first_bad_step"]
-    metric_name = params.key_metric
-    bar = tqdm(total=params.max_steps, initial=step, disable=not (progress and main), desc=params.run_id(),
-               dynamic_ncols=True)
-    loop_started = time.perf_counter()
-    clock = StepClock(device, params.max_steps, started=started)  # syncs at steps 1 and warm-up only
-    steps_at_start = step
-    while step < params.max_steps:
+# ---------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What the loop carries from step to step, and a resumed run restores: the step, the best
+    checkpoint so far, the running sums since the last history row, the costs kept out of
+    train/seconds (evaluation and checkpoint writes, in seconds)."""
+
+    run: RunContext
+    selection: HeldOut
+    first_in_process: bool = True  # only the first run of a process has its own CPU peak RSS
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"metric": None, "value": None, "step": None, "metrics": {}})
+    costs: dict = field(default_factory=lambda: {"eval": 0.0, "checkpoint": 0.0})
+    sums: dict = field(default_factory=dict)
+    n_since_log: int = 0
+    tokens_seen: torch.Tensor | None = None    # device scalars: read at log steps only
+    first_bad_step: torch.Tensor | None = None  # the first step with a non-finite loss, -1 while none
+
+    def __post_init__(self):
+        device = self.run.device
+        self.tokens_seen = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    @property
+    def history_path(self) -> Path:
+        return self.run.out_dir / "history.jsonl"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run.out_dir / STATE_DIR / "state.pt"
+
+    @property
+    def main(self) -> bool:
+        return self.run.accelerator.is_main_process
+
+    def loop_carry(self) -> dict:
+        return {"sums": self.sums, "n_since_log": self.n_since_log, "tokens_seen": self.tokens_seen,
+                "first_bad_step": self.first_bad_step}
+
+    def resume(self, policy, optimizer, scheduler) -> None:
+        """Continue from ``state/state.pt`` where one was saved; keep the history up to its step."""
+        if self.state_path.is_file():
+            saved = torch.load(self.state_path, weights_only=False, map_location=self.run.device)
+            self.run.accelerator.unwrap_model(policy).load_state_dict(saved["model"], strict=False)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            _set_rng_state(saved["rng"])
+            self.step, self.best = saved["step"], saved["best"]
+            if saved["loop"]:  # running sums since the last history row, so a resumed run logs the same rows
+                for name, value in saved["loop"].items():
+                    setattr(self, name, value)
+            log.info("resumed from step %d", self.step)
+        if self.main:
+            lines = self.history_path.read_text().splitlines() if self.history_path.exists() else []
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step] if self.step else []
+            self.history_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _loop(state: RunState, objective, policy, optimizer, scheduler, batches, clock: StepClock, n_train: int,
+          progress: bool) -> None:
+    """Optimiser steps from ``state.step`` to max_steps; history rows every log_every steps,
+    evaluations every eval_every, resumable states every save_every."""
+    from tqdm.auto import tqdm
+
+    run, params, accelerator = state.run, state.run.params, state.run.accelerator
+    bar = tqdm(total=params.max_steps, initial=state.step, disable=not (progress and state.main),
+               desc=params.run_id(), dynamic_ncols=True)
+    while state.step < params.max_steps:
         for micro in range(params.grad_accum_steps):
-            m = step * params.grad_accum_steps + micro
-            idx = micro_batches[m]
+            m = state.step * params.grad_accum_steps + micro
             with accelerator.accumulate(policy), accelerator.autocast():
-                if params.is_preference:
-                    batch = collate_pairs([chosen_enc[i] for i in idx], [rejected_enc[i] for i in idx],
-                                          tokenizer.pad_token_id, hidden_size=hidden_size)
-                    # The batch's reference log-probs travel with it from the host (indexing a GPU
-                    # tensor with host indices would copy them over synchronously).
-                    batch["reference_logps"] = torch.stack([train_ref["chosen"][m], train_ref["rejected"][m]])  # [2, B]
-                    batch = to_device(batch, device)
-                    mismatched = None
-                    if kto_mismatched:
-                        mismatched = collate_pairs(*batch_encodings(encoders, train_rows, idx, kl=True),
-                                                   tokenizer.pad_token_id, hidden_size=hidden_size)
-                        mismatched["reference_logps"] = torch.stack([train_ref["kl_chosen"][m],
-                                                                     train_ref["kl_rejected"][m]])
-                        mismatched = to_device(mismatched, device)
-                    loss, metrics = preference_step(policy, batch, params, *batch["reference_logps"],
-                                                    mismatched=mismatched)
-                else:
-                    batch = collate([sft_enc[i] for i in idx], tokenizer.pad_token_id, device)
-                    loss, metrics = sft_step(policy, batch, params)
+                batch = objective.batch(m, batches[m])
+                loss, metrics = objective.step(policy, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and params.max_grad_norm > 0:
                     metrics["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            tokens_seen += batch["n_tokens"]
+            state.tokens_seen += batch["n_tokens"]
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0) + value.detach().float() / params.grad_accum_steps
+                state.sums[name] = state.sums.get(name, 0) + value.detach().float() / params.grad_accum_steps
             # Record the first non-finite step on the device; it is read at the next log.
-            first_bad_step.masked_fill_((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1)
+            state.first_bad_step.masked_fill_((state.first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                              state.step + 1)
         scheduler.step()
-        step += 1
-        n_since_log += 1
+        state.step += 1
+        state.n_since_log += 1
         bar.update(1)
-        if clock.wants_mark(step):
-            clock.step_done(step, tokens_seen)
-
-        if step % params.log_every == 0 or step == params.max_steps:
-            bad = int(first_bad_step)  # the loop's one host sync, every log_every steps
-            if bad >= 0:
-                bar.close()
-                raise TrainingError(f"loss became NaN/inf at step {bad} of run {params.run_id()}: lower learning_rate "
-                                    "or beta, or check the data; nothing was saved as finished")
-            row = {"step": step, "epoch": step * params.batch_size * params.grad_accum_steps
-                   * accelerator.num_processes / n_train, "learning_rate": scheduler.get_last_lr()[0]}
-            row.update({k: float(accelerator.reduce(v, "mean")) / n_since_log for k, v in sums.items()})
-            sums, n_since_log = {}, 0
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if main:
-                with history_path.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-
-        if params.eval_every and step % params.eval_every == 0 and step < params.max_steps:
-            clock.exclude(_evaluate_and_keep_best(unwrapped, tokenizer, selection, params, encoders, device, step,
-                                                  best, metric_name, out_dir, history_path, main, costs)[1])
-        if params.save_every and step % params.save_every == 0 and step < params.max_steps and main:
-            synchronize(device)
+        if clock.wants_mark(state.step):
+            clock.step_done(state.step, state.tokens_seen)
+        step, last = state.step, state.step == params.max_steps
+        if step % params.log_every == 0 or last:
+            _log_row(state, scheduler, n_train, bar)
+        if params.eval_every and step % params.eval_every == 0 and not last:
+            clock.exclude(_evaluate_and_keep_best(state, accelerator.unwrap_model(policy))[1])
+        if params.save_every and step % params.save_every == 0 and not last and state.main:
+            synchronize(run.device)
             save_started = time.perf_counter()
-            _save_state(state_path, unwrapped, optimizer, scheduler, step, best,
-                        loop={"sums": sums, "n_since_log": n_since_log, "tokens_seen": tokens_seen,
-                              "first_bad_step": first_bad_step})
-            costs["checkpoint"] += time.perf_counter() - save_started
+            _save_state(state.state_path, accelerator.unwrap_model(policy), optimizer, scheduler, step, state.best,
+                        loop=state.loop_carry())
+            state.costs["checkpoint"] += time.perf_counter() - save_started
             clock.exclude(time.perf_counter() - save_started)
     bar.close()
-    clock.finish(step, tokens_seen)
-    train_seconds = time.perf_counter() - loop_started - costs["eval"] - costs["checkpoint"]  # the loop's own work
-    timing = clock.summary()
-
-    # --- final evaluation, checkpoint, metrics --------------------------------------------
-    final, _ = _evaluate_and_keep_best(unwrapped, tokenizer, selection, params, encoders, device, step, best,
-                                       metric_name, out_dir, history_path, main, costs)
-    # The report split, once, on the selected checkpoint: the final weights, or the best
-    # checkpoint reloaded when an earlier evaluation won (the model a later run's init_from gets).
-    reported = {}
-    if main and report.rows:
-        selected = unwrapped if best["step"] == step else models.load_checkpoint(out_dir)[0].to(device)
-        report_started = time.perf_counter()
-        reported = run_evaluation(selected, tokenizer, report, params, encoders, device)
-        costs["eval"] += time.perf_counter() - report_started
-    tokens = int(accelerator.reduce(tokens_seen, "sum"))
-    steps_run = step - steps_at_start
-    result = {**best["metrics"], **reported}
-    result.update({
-        "best_step": best["step"],
-        "final/" + metric_name: final.get(metric_name),
-        "train/loss": _last_loss(history_path),
-        "train/steps": step,
-        "train/seconds": train_seconds,
-        "train/tokens": tokens,
-        "train/tokens_per_second": tokens / train_seconds if train_seconds > 0 and steps_run else 0.0,
-        "train/first_step_seconds": timing["first_step_seconds"],
-        "train/steady_steps_per_second": _rate(timing["steady_steps"], timing["steady_seconds"]),
-        "train/steady_tokens_per_second": _rate(timing["steady_units"], timing["steady_seconds"]),
-        "train/peak_memory_bytes": peak_memory_bytes(device, first_in_process=first_in_process),
-        "train/process_peak_rss_bytes": process_peak_rss_bytes(),
-        "eval/seconds": costs["eval"],
-        "checkpoint/seconds": costs["checkpoint"],
-        "train/trainable_parameters": trainable,
-        "train/total_parameters": total,
-        "reference/seconds": reference_seconds,
-        "run/seconds": time.perf_counter() - started,
-    })
-    if main:
-        shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)  # a finished run needs no resume state
-        atomic_write_json(out_dir / "metrics.json", result)
-        write_manifest(out_dir / "manifest.json", params=params, task=task, device=device, started_at=started_at)
-    accelerator.wait_for_everyone()
-    return result
+    clock.finish(state.step, state.tokens_seen)
 
 
-def _evaluate_and_keep_best(model, tokenizer, selection: HeldOut, params, encoders, device, step, best, metric_name,
-                            out_dir, history_path, main, costs: dict) -> tuple[dict, float]:
+def _log_row(state: RunState, scheduler, n_train: int, bar) -> None:
+    """One history row: the mean of each metric since the last row; stop on a non-finite loss."""
+    params, accelerator = state.run.params, state.run.accelerator
+    bad = int(state.first_bad_step)  # the loop's one host sync, every log_every steps
+    if bad >= 0:
+        bar.close()
+        raise TrainingError(f"loss became NaN/inf at step {bad} of run {params.run_id()}: lower learning_rate "
+                            "or beta, or check the data; nothing was saved as finished")
+    row = {"step": state.step, "epoch": state.step * params.batch_size * params.grad_accum_steps
+           * accelerator.num_processes / n_train, "learning_rate": scheduler.get_last_lr()[0]}
+    row.update({k: float(accelerator.reduce(v, "mean")) / state.n_since_log for k, v in state.sums.items()})
+    state.sums, state.n_since_log = {}, 0
+    bar.set_postfix(loss=f"{row['loss']:.4f}")
+    if state.main:
+        with state.history_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate → write
+# ---------------------------------------------------------------------------------------
+def _evaluate_and_keep_best(state: RunState, model) -> tuple[dict, float]:
     """Evaluate on the selection split; save the checkpoint when the key metric improves (ties
-    keep the earlier one). Adds the seconds spent to ``costs`` and returns (metrics, seconds)."""
-    if not main:
+    keep the earlier one). Adds the seconds spent to ``state.costs``; returns (metrics, seconds)."""
+    if not state.main:
         return {}, 0.0
-    synchronize(device)  # queued training work belongs to training, not to this evaluation
+    run, params = state.run, state.run.params
+    synchronize(run.device)  # queued training work belongs to training, not to this evaluation
     started = time.perf_counter()
-    metrics = run_evaluation(model, tokenizer, selection, params, encoders, device)
-    with history_path.open("a") as fh:
-        fh.write(json.dumps({"step": step, **metrics}) + "\n")
+    metrics = run_evaluation(model, run.tokenizer, state.selection, params, run.encoders, run.device)
+    with state.history_path.open("a") as fh:
+        fh.write(json.dumps({"step": state.step, **metrics}) + "\n")
     evaluated = time.perf_counter()
-    costs["eval"] += evaluated - started
-    value = metrics.get(metric_name, float("nan"))
-    if is_better(metric_name, value, best["value"]):
-        best.update(metric=metric_name, value=value, step=step, metrics=metrics)
-        models.save_checkpoint(model, tokenizer, out_dir / CHECKPOINT_DIR, base_model=params.model,
+    state.costs["eval"] += evaluated - started
+    value = metrics.get(params.key_metric, float("nan"))
+    if is_better(params.key_metric, value, state.best["value"]):
+        state.best.update(metric=params.key_metric, value=value, step=state.step, metrics=metrics)
+        models.save_checkpoint(model, run.tokenizer, run.out_dir / CHECKPOINT_DIR, base_model=params.model,
                                base_init_from=params.init_from, seed=params.seed)
-    costs["checkpoint"] += time.perf_counter() - evaluated
+    state.costs["checkpoint"] += time.perf_counter() - evaluated
     return metrics, time.perf_counter() - started
+
+
+def _report(state: RunState, model, report: HeldOut) -> dict[str, float]:
+    """The report split's metrics, scored once on the selected checkpoint (main process only)."""
+    run = state.run
+    if not (state.main and report.rows):
+        return {}
+    selected = model if state.best["step"] == state.step else models.load_checkpoint(run.out_dir)[0].to(run.device)
+    report_started = time.perf_counter()
+    reported = run_evaluation(selected, run.tokenizer, report, run.params, run.encoders, run.device)
+    state.costs["eval"] += time.perf_counter() - report_started
+    return reported
+
+
+def _write(run: RunContext, task, result: dict, started_at: str) -> None:
+    """metrics.json and manifest.json; the resume state goes (a finished run needs none)."""
+    if run.accelerator.is_main_process:
+        shutil.rmtree(run.out_dir / STATE_DIR, ignore_errors=True)
+        atomic_write_json(run.out_dir / "metrics.json", result)
+        write_manifest(run.out_dir / "manifest.json", params=run.params, task=task, device=run.device,
+                       started_at=started_at)
+    run.accelerator.wait_for_everyone()
 
 
 def _save_state(path: Path, model, optimizer, scheduler, step: int, best: dict, loop: dict) -> None:
@@ -469,10 +394,7 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, best: dict, 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "best": best, "loop": loop}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _rate(amount, seconds) -> float | None:

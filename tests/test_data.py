@@ -11,6 +11,7 @@ import pytest
 
 from prefnb import data as D
 from prefnb.config import RunParams
+from prefnb.session import Session
 
 QUORA_HEADER = "\tid\tsentence1\tsentence2\tis_duplicate\n"
 
@@ -32,7 +33,6 @@ HEADER = "Sonnets\nby William Shakespeare\nEdited by A\n  with B\nA Library\nhtt
 
 # --- Quora -----------------------------------------------------------------------------
 def test_real_quora_skips_exactly_the_two_malformed_rows(real_data_dir, caplog, monkeypatch):
-    monkeypatch.setattr(D, "_QUORA_PARSES", {})  # a first read in this process: the warnings are logged
     problems = []
     with caplog.at_level(logging.WARNING, logger="prefnb.data"):
         pairs = D.read_quora(real_data_dir / D.QUORA_FILE, problems)
@@ -74,11 +74,11 @@ def test_quora_is_parsed_once_per_file_version(tmp_path, monkeypatch):
     path = write(tmp_path / "q.tsv", QUORA_HEADER + "0\ta\tq1\tq2\t1\n1\tb\tq1\t \t0\n")
     parses = []
     monkeypatch.setattr(D, "_parse_quora", lambda *a, _real=D._parse_quora: parses.append(1) or _real(*a))
-    first, second = [], []
-    assert D.read_quora(path, first) == D.read_quora(path, second) and len(parses) == 1
+    first, second, session = [], [], Session()  # the runs of one in-process sweep
+    assert D.read_quora(path, first, session) == D.read_quora(path, second, session) and len(parses) == 1
     assert first == second and len(first) == 1  # the skipped row is reported to every caller
     write(path, QUORA_HEADER + "0\ta\tq1\tq2\t1\n1\tb\tq3\tq4\t0\n")  # edited: read again
-    assert [p.pair_id for p in D.read_quora(path)] == ["a", "b"] and len(parses) == 2
+    assert [p.pair_id for p in D.read_quora(path, None, session)] == ["a", "b"] and len(parses) == 2
 
 
 def test_quora_file_errors(tmp_path):

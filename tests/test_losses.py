@@ -341,7 +341,7 @@ def test_loss_options():
 def test_every_loss_option_is_a_run_parameter_whose_value_reaches_the_loss(kind, monkeypatch):
     """Each objective has a documented default β and options (prefnb.objectives); null in params
     means that default, and a value set in params is the value the loss is called with."""
-    from prefnb import objectives, train
+    from prefnb import objectives, plugins
     from prefnb.config import FIELDS, resolve_params
 
     assert set(objectives.option_names(kind)) == set(loss_options(kind))  # one list of options
@@ -366,8 +366,8 @@ def test_every_loss_option_is_a_run_parameter_whose_value_reaches_the_loss(kind,
     def fake_sequence_logps(model, batch):
         return batch_logps, torch.cat([cl, rl]).float()
 
-    monkeypatch.setattr(train, "sequence_logps", fake_sequence_logps)
-    train.preference_step(None, {}, params, rc.float(), rr.float())
+    monkeypatch.setattr(plugins, "sequence_logps", fake_sequence_logps)
+    plugins.preference_step(None, {}, params, rc.float(), rr.float())
     assert {name: seen[name] for name in set_values} == pytest.approx(set_values)
 
 

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from prefnb import embedded, evaluate, models, train as train_mod
+from prefnb import embedded, evaluate, models, plugins, train as train_mod
 from prefnb.config import resolve_params
 from prefnb.data import load_task
 from prefnb.logprobs import collate, collate_pairs, encode, sequence_logps
@@ -100,7 +100,7 @@ def test_lora_targets_resolve_per_architecture_and_a_step_changes_only_adapters(
     batch = collate([encode(tokenizer, "Question: the same?\nAnswer:", " yes", max_length=64, add_eos=False)] * 2,
                     tokenizer.pad_token_id)
     for _ in range(2):
-        loss, _ = train_mod.sft_step(policy.train(), batch, params)
+        loss, _ = plugins.sft_step(policy.train(), batch, params)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefnb import losses, models, schedule, train as train_mod
+from prefnb import losses, models, plugins, schedule, train as train_mod
 from prefnb.cli import main as cli_main
 from prefnb.config import resolve_params
 from prefnb.logprobs import collate, encode
+from prefnb.session import Session
 
 TINY = dict(model="tiny", max_train_examples=24, max_eval_examples=8, max_test_examples=8, batch_size=4, max_steps=6, log_every=2,
             learning_rate=3e-3, max_length=160, max_new_tokens=8, eval_batch_size=16)
@@ -126,8 +127,8 @@ def test_costs_of_training_alone(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "run_evaluation", slow)
-    monkeypatch.setitem(train_mod._RUNS_IN_PROCESS, "started", 1)  # as if a run came before in this process
-    m = train_mod.train(make_params(tmp_path, "cost", eval_every=1, max_steps=4, save_every=2), progress=False)
+    m = train_mod.train(make_params(tmp_path, "cost", eval_every=1, max_steps=4, save_every=2), progress=False,
+                        session=Session(runs_started=1))  # as if a run came before in this process
     assert m["eval/seconds"] >= 0.5 * 5 and m["checkpoint/seconds"] > 0  # 3 in-loop evals, final, test
     assert m["train/seconds"] + m["eval/seconds"] + m["checkpoint/seconds"] <= m["run/seconds"]
     assert m["train/tokens_per_second"] == pytest.approx(m["train/tokens"] / m["train/seconds"])
@@ -143,7 +144,7 @@ def test_lora_changes_only_adapter_weights():
     batch = collate([encode(tokenizer, "Question: same?", " yes", max_length=64, add_eos=False)] * 2,
                     tokenizer.pad_token_id)
     for _ in range(3):
-        loss, _ = train_mod.sft_step(policy, batch, params)
+        loss, _ = plugins.sft_step(policy, batch, params)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -181,7 +182,7 @@ def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch):
     train_mod.train(straight, progress=False)
 
     crashed = make_params(tmp_path, "crashed", objective="dpo", max_steps=6, save_every=3, log_every=1)
-    real_step, calls = train_mod.preference_step, {"n": 0}
+    real_step, calls = plugins.preference_step, {"n": 0}
 
     def crash_at_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -189,11 +190,11 @@ def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "preference_step", crash_at_step_5)
+    monkeypatch.setattr(plugins, "preference_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(crashed, progress=False)
     assert (tmp_path / "crashed" / "state" / "state.pt").is_file()
-    monkeypatch.setattr(train_mod, "preference_step", real_step)
+    monkeypatch.setattr(plugins, "preference_step", real_step)
     train_mod.train(crashed, progress=False)
     assert history(tmp_path / "crashed") == history(tmp_path / "straight")
     assert history(tmp_path / "crashed", "rewards/margins") == history(tmp_path / "straight", "rewards/margins")
@@ -416,9 +417,9 @@ def test_a_training_step_never_waits_for_the_gpu(objective):
             batch = collate_pairs(chosen, rejected, tokenizer.pad_token_id, hidden_size=64)
             batch["reference_logps"] = torch.zeros(2, len(chosen))
             batch = to_device(batch, "cuda")
-            loss, _ = train_mod.preference_step(model, batch, params, *batch["reference_logps"])
+            loss, _ = plugins.preference_step(model, batch, params, *batch["reference_logps"])
         else:
-            loss, _ = train_mod.sft_step(model, collate(chosen + rejected, tokenizer.pad_token_id, "cuda"), params)
+            loss, _ = plugins.sft_step(model, collate(chosen + rejected, tokenizer.pad_token_id, "cuda"), params)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
