@@ -271,12 +271,10 @@ _COMMON = frozenset({"beta", "chosen_lengths", "rejected_lengths", "kl"})
 
 
 def _preference_fn(kind: str) -> Callable:
-    """The loss of preference objective ``kind``: the function of that name in this module."""
-    fn = globals().get(kind) if kind in objectives.OBJECTIVES and objectives.is_preference(kind) else None
-    if not callable(fn):
-        known = [k for k in objectives.OBJECTIVES if objectives.is_preference(k)]
-        raise ValueError(f"unknown preference loss '{kind}'; choose from {sorted(known)}")
-    return fn
+    try:
+        return PREFERENCE_LOSSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown preference loss '{kind}'; choose from {sorted(PREFERENCE_LOSSES)}") from None
 
 
 def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -284,7 +282,7 @@ def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen
     """Per-pair preference loss and implicit rewards.
 
     Args:
-        kind: a preference objective of `prefnb.objectives.OBJECTIVES`.
+        kind: a key of ``PREFERENCE_LOSSES`` (a preference objective of `prefnb.objectives`).
         policy_chosen_logps, policy_rejected_logps: [B] summed log π(y|x) of each response.
         ref_chosen_logps, ref_rejected_logps: [B] the same under the reference (zeros for a
             reference-free "probability reward"; log π_ref(y) without the prompt for the

@@ -22,8 +22,10 @@ def toy(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
 
 
 def test_a_toy_preference_objective_added_by_the_documented_steps_trains(tmp_path, monkeypatch):
-    # 1. its pure loss in prefnb/losses.py, named as the objective
+    # 1. its pure loss in prefnb/losses.py, named as the objective (importing losses.py then
+    #    enters it in PREFERENCE_LOSSES, as it does for every objective of the table)
     monkeypatch.setattr(losses, "toy", toy, raising=False)
+    monkeypatch.setitem(losses.PREFERENCE_LOSSES, "toy", toy)
     # 2. its row in prefnb/objectives.py: its default β (with the source, in a comment there)
     monkeypatch.setitem(objectives.OBJECTIVES, "toy", objectives.Objective(defaults={"beta": 0.5}))
     params = resolve_params([("test", {"model": "tiny", "objective": "toy", "max_train_examples": 8,
