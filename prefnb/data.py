@@ -292,6 +292,10 @@ def sonnet_preference_rows(sft_rows: Sequence[dict], rejected: Sequence[str]) ->
         raise ValueError(f"sonnet_preference_rows: {len(sft_rows)} rows but {len(rejected)} rejected texts")
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": x}
             for r, x in zip(sft_rows, rejected)]
+    return _warn_if_identical(rows)
+
+
+def _warn_if_identical(rows: list[dict]) -> list[dict]:
     same = sum(r["chosen"] == r["rejected"] for r in rows)
     if same:  # legitimate (a model that memorised the sonnet) but such a pair teaches nothing
         log.warning("%d of %d preference pairs have rejected == chosen", same, len(rows))
@@ -339,10 +343,7 @@ def sonnet_sampled_pairs(sft_rows: Sequence[dict], samples: Sequence[tuple[str, 
                      "rejected": rejected, "chosen_eos": k == len(true_lines), "rejected_eos": rejected_eos})
     if unlined:
         log.warning("%d of %d sampled continuations hold no whole line (raise max_new_tokens)", unlined, len(rows))
-    same = sum(r["chosen"] == r["rejected"] for r in rows)
-    if same:
-        log.warning("%d of %d preference pairs have rejected == chosen", same, len(rows))
-    return rows
+    return _warn_if_identical(rows)
 
 
 def other_continuations(sft_rows: Sequence[dict], seed: int) -> list[str]:

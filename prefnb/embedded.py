@@ -19,7 +19,6 @@ original; results say which one produced them (the run's ``model`` key).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefnb.cache import file_version
+from prefnb.data import file_sha256
+from prefnb.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +78,10 @@ def gguf_path(name: str) -> Path:
     return path
 
 
-def gguf_sha256(name: str) -> str:
-    """The GGUF's sha256 (64 hex digits), kept per process while the file is unchanged (~0.3 s)."""
+def gguf_sha256(name: str, session: Session | None = None) -> str:
+    """The GGUF's sha256 (64 hex digits); a ``session`` keeps it while the file is unchanged (~0.3 s)."""
     path = gguf_path(name)
-    key = file_version(path)
-    if key not in _SHA256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _SHA256[key] = digest.hexdigest()
-    return _SHA256[key]
-
-
-_SHA256: dict[tuple, str] = {}
+    return (session or Session()).memo("file_sha256", file_version(path), lambda: file_sha256(path), keep=16)
 
 
 def cache_root() -> Path:
@@ -100,14 +91,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "prefnb" / "models"
 
 
-def converted_dir(name: str) -> Path:
+def converted_dir(name: str, session: Session | None = None) -> Path:
     """A transformers model folder holding preset ``name``, converted from its GGUF on first use.
 
     The folder is ``<cache_root>/<name>-<sha256[:16]>``: a new package version with other
     weights gets a new folder, and a finished folder is never rewritten. Written into a
     temporary folder and renamed, so an interrupted conversion leaves nothing that looks done.
     """
-    sha = gguf_sha256(name)
+    sha = gguf_sha256(name, session)
     target = cache_root() / f"{name}-{sha[:16]}"
     if (target / RECORD).is_file():
         return target

@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from prefnb.config import PREFERENCE_OBJECTIVES
+from prefnb.objectives import PREFERENCE_OBJECTIVES, SFT_LOSSES
 from prefnb.tables import IRW, METRIC_LABELS, SCENARIOS, TASK_METRIC, t_interval
 
 log = logging.getLogger(__name__)
 
 METHODS = ["SFT", "DPO", "staged"]
-SFT_OBJECTIVES = ["kl", "tv", "chi2", "hellinger", "js"]
+SFT_OBJECTIVES = list(SFT_LOSSES)
 SCENARIO_ORDER = list(SCENARIOS.values())
 
 

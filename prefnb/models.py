@@ -83,22 +83,22 @@ def load_pretrained(name: str):
     return model, _prepare_tokenizer(tokenizer)
 
 
-def pretrained_source(model: str) -> str:
+def pretrained_source(model: str, session: Session | None = None) -> str:
     """What transformers' ``from_pretrained`` reads for ``model``: an embedded preset's converted
     folder (converting it on first use), else ``model`` itself (a hub id or a directory)."""
     if model in embedded.EMBEDDED:
         try:
-            return str(embedded.converted_dir(model))
+            return str(embedded.converted_dir(model, session))
         except embedded.EmbeddedModelMissing as err:
             raise ModelLoadError(str(err)) from None
     return model
 
 
-def load_base(model: str, seed: int):
+def load_base(model: str, seed: int, session: Session | None = None):
     """`tiny`, an embedded preset (`smollm2-135m-instruct`, from its PyPI package), a hub id or a directory."""
     if model == TINY:
         return build_tiny(seed)
-    return load_pretrained(pretrained_source(model))
+    return load_pretrained(pretrained_source(model, session))
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def save_checkpoint(model, tokenizer, path: Path, *, base_model: str, base_init_
     tmp.rename(path)
 
 
-def load_checkpoint(path: str | Path):
+def load_checkpoint(path: str | Path, session: Session | None = None):
     """Rebuild the model a run saved (LoRA adapters merged into their base) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,7 +140,7 @@ def load_checkpoint(path: str | Path):
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), tokenizer
     from peft import PeftModel
 
-    base, _ = load_starting_model(record["base_model"], record["base_init_from"], record["seed"])
+    base, _ = load_starting_model(record["base_model"], record["base_init_from"], record["seed"], session)
     merged = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
     return merged, tokenizer
 
@@ -159,9 +159,9 @@ def chain_base(init_from: str | Path) -> tuple[str, int]:
     return record["base_model"], record["seed"]
 
 
-def load_starting_model(model: str, init_from: str | None, seed: int):
-    """The policy a run starts from: an earlier run's checkpoint, else `model`."""
-    return load_checkpoint(init_from) if init_from else load_base(model, seed)
+def load_starting_model(model: str, init_from: str | None, seed: int, session: Session | None = None):
+    """The policy a run starts from: an earlier run's checkpoint, else `model` (``session``: `prefnb.session`)."""
+    return load_checkpoint(init_from, session) if init_from else load_base(model, seed, session)
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,12 +234,12 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, other_name: str) -> 
             "text would not be comparable. Choose a reference of the same model family.")
 
 
-def load_reference_model(reference: str, policy_tokenizer, seed: int):
+def load_reference_model(reference: str, policy_tokenizer, seed: int, session: Session | None = None):
     """A separate reference model (hub id, local model dir or run dir), checked for tokenizer match."""
     if holds_checkpoint(reference):
-        model, tokenizer = load_checkpoint(reference)
+        model, tokenizer = load_checkpoint(reference, session)
     else:
-        model, tokenizer = load_base(reference, seed)
+        model, tokenizer = load_base(reference, seed, session)
     check_same_tokenizer(policy_tokenizer, tokenizer, reference)
     model.eval().requires_grad_(False)
     return model
@@ -285,7 +285,7 @@ def weights_identity(source: str, seed: int, session: Session | None = None) -> 
         return f"tiny:{json.dumps(TINY_CONFIG, sort_keys=True)}:seed{seed}"
     if source in embedded.EMBEDDED:
         try:
-            return f"embedded:{source}:{embedded.gguf_sha256(source)}"
+            return f"embedded:{source}:{embedded.gguf_sha256(source, session)}"
         except embedded.EmbeddedModelMissing as err:
             raise ModelLoadError(str(err)) from None
     if path.is_dir():  # a local model directory can be overwritten in place: hash what it holds

@@ -1,19 +1,13 @@
-"""How each family of objectives is trained, behind one small interface the loop calls.
+"""How each family of objectives is trained: the one interface `prefnb.train`'s loop calls.
 
-`prefnb.train` knows no objective. It builds the plug-in of the run's objective family
-(``FAMILIES[OBJECTIVES[params.objective].family]``, see `prefnb.objectives`) and asks it:
-
-    rows(task)                   its training rows, encoded; how many  (before the micro-batches exist)
-    prepare(micro_batches)       what runs once before the loop: the reference log-probs of every micro-batch
+    rows(task) -> n              encode its training rows (sampling rejections first where needed)
+    prepare(micro_batches)       once before the loop: the reference log-probs of every micro-batch
     batch(m, indices)            micro-batch ``m`` (example ``indices``), collated, on the device
-    step(model, batch)           -> (loss, {metric name: device scalar}), the loss differentiable
+    step(model, batch)           -> (loss, {metric name: device scalar})
+    drops_dropout                the policy loses its dropout (a preference loss compares it with its
+                                 reference, equal at step 0 only without dropout)
 
-and ``drops_dropout``: whether the policy must lose its dropout (the preference losses compare
-it with its reference, equal at step 0 only without dropout).
-
-A new objective that trains like SFT or like the preference losses is one entry in
-`prefnb.objectives.OBJECTIVES` (and its pure loss in `prefnb.losses`); one that needs other
-inputs is a class with these four methods, named by that entry's ``family`` in :data:`FAMILIES`.
+The family of an objective is its row's in `prefnb.objectives.OBJECTIVES` (README, "Adding an objective").
 """
 
 from __future__ import annotations

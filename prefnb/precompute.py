@@ -76,7 +76,7 @@ def _reference(kind: str, seed: int, run: RunContext):
     if kind in ("policy", "prior"):
         return run.start_identity, lambda: run.start_model
     return (models.weights_identity(kind, seed, run.session),
-            lambda: models.load_reference_model(kind, run.tokenizer, seed).to(run.device))
+            lambda: models.load_reference_model(kind, run.tokenizer, seed, run.session).to(run.device))
 
 
 def reference_logps(run: RunContext, rows, *, split: str,

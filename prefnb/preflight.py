@@ -40,7 +40,7 @@ def check(params: RunParams, out_dir: Path, cache_dir: Path, session=None):
     check_writable(cache_dir, "cache_dir")
     check_precision(params)
     task = check_batch(params, session)
-    check_model(params)
+    check_model(params, session)
     return task
 
 
@@ -97,7 +97,7 @@ def check_batch(params: RunParams, session=None):
 # ---------------------------------------------------------------------------------------
 # models: configs and tokenizers only
 # ---------------------------------------------------------------------------------------
-def _config(source: str):
+def _config(source: str, session=None):
     """The model config of a model name, hub id, model directory or run directory (None: unknown
     here, e.g. a hub id offline; the model loader then says what is wrong)."""
     from prefnb import models
@@ -110,12 +110,12 @@ def _config(source: str):
         ckpt = models.checkpoint_dir(source)
         record = json.loads((ckpt / models.CHECKPOINT_RECORD).read_text())
         if record["kind"] != "full":  # a LoRA adapter: the base's config
-            return _config(record["base_init_from"] or record["base_model"])
+            return _config(record["base_init_from"] or record["base_model"], session)
         source = str(ckpt)
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(models.pretrained_source(source)).to_dict()
+        return AutoConfig.from_pretrained(models.pretrained_source(source, session)).to_dict()
     except (OSError, ValueError, models.ModelLoadError):
         return None
 
@@ -140,13 +140,13 @@ def _tokenizer(source: str):
         return None
 
 
-def check_model(params: RunParams) -> None:
+def check_model(params: RunParams, session=None) -> None:
     from prefnb import models
 
     if params.init_from:
         models.checkpoint_dir(params.init_from)  # a clear error when it is not a finished run
     start = params.init_from or params.model
-    positions = _positions(_config(start))
+    positions = _positions(_config(start, session))
     if positions is not None:
         if params.max_length > positions:
             raise PreflightError(f"max_length {params.max_length} exceeds the {positions} positions of model "

@@ -1,13 +1,10 @@
-"""What the runs of one process share: one explicit object instead of module-level memos.
+"""What the runs of one process share (:class:`Session`) and what one run's parts share (:class:`RunContext`).
 
-`prefnb train --sweep` passes one :class:`Session` from run to run, so that its runs
-tokenise each example once, parse the Quora file once and hash a starting checkpoint's
-weights once between them. A notebook (a fresh kernel per run) or a bare ``train(params)``
-makes a new one: it shares nothing, and nothing outlives it.
-
-Every memo here is of a pure function of files or settings, keyed by what it depends on
-(a file by its path, size and modification time), so it never changes what a run computes,
-only how often it is computed.
+`prefnb train --sweep` passes one Session from run to run, so that its runs tokenise each
+example, parse the Quora file and hash a model's files once between them; a notebook (a fresh
+kernel per run) or a bare ``train(params)`` makes a new one and shares nothing. Each memo is of
+a pure function of files or settings, keyed by what it depends on (a file by path, size and
+modification time): it changes how often something is computed, never what.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def train(params: RunParams, *, progress: bool = True, session: Session | None =
     selection, report = _held_out(run, task)
     reference_seconds = time.perf_counter() - reference_started
 
-    state = RunState(run, selection, first_in_process=session.runs_started == 1)
+    first_in_process = session.runs_started == 1  # only then is the CPU peak RSS this run's own
+    state = RunState(run, selection)
     policy, optimizer, scheduler, (trainable, total) = _policy_and_optimizer(run, objective)
     state.resume(policy, optimizer, scheduler)
     clock = StepClock(run.device, params.max_steps, started=started)  # syncs at steps 1 and warm-up only
@@ -131,7 +132,7 @@ def train(params: RunParams, *, progress: bool = True, session: Session | None =
         "train/first_step_seconds": timing["first_step_seconds"],
         "train/steady_steps_per_second": _rate(timing["steady_steps"], timing["steady_seconds"]),
         "train/steady_tokens_per_second": _rate(timing["steady_units"], timing["steady_seconds"]),
-        "train/peak_memory_bytes": peak_memory_bytes(run.device, first_in_process=state.first_in_process),
+        "train/peak_memory_bytes": peak_memory_bytes(run.device, first_in_process=first_in_process),
         "train/process_peak_rss_bytes": process_peak_rss_bytes(),
         "eval/seconds": state.costs["eval"],
         "checkpoint/seconds": state.costs["checkpoint"],
@@ -170,7 +171,7 @@ def _set_up(params: RunParams, session: Session) -> tuple[RunContext, data_lib.T
         out_dir.mkdir(parents=True, exist_ok=True)
         save_params(params, out_dir / "params.yaml")
     seed_everything(params.seed)
-    start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed)
+    start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed, session)
     start_model.to(accelerator.device)
     task = apply_prompt_format(task, tokenizer, params.prompt_format)
     run = RunContext(params, session, accelerator, tokenizer, start_model,
@@ -227,7 +228,6 @@ class RunState:
 
     run: RunContext
     selection: HeldOut
-    first_in_process: bool = True  # only the first run of a process has its own CPU peak RSS
     step: int = 0
     best: dict = field(default_factory=lambda: {"metric": None, "value": None, "step": None, "metrics": {}})
     costs: dict = field(default_factory=lambda: {"eval": 0.0, "checkpoint": 0.0})
