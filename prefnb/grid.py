@@ -76,15 +76,13 @@ are then applied to that one record.
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from prefnb.config import (FIELDS, ParamsError, RunParams, coerce_value, profile_path, read_profile, read_yaml_mapping,
-                           resolve_params)
+from prefnb.config import (FIELDS, TYPE_HINTS, ParamsError, RunParams, coerce_value, profile_path, read_profile,
+                           read_yaml_mapping, resolve_params)
 
 DEPENDENCY_KEYS = ("init_from", "reference")
 EXPERIMENT_KEYS = {"notebook", "description", "groups"}
@@ -188,11 +186,10 @@ def _check_keys(mapping: Any, allowed: set[str], source: str, what: str) -> dict
 # ---------------------------------------------------------------------------------------
 # keys, presets, scales, dependencies
 # ---------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def _scale_field(key: str) -> str | None:
     """'learning_rate_scale' -> 'learning_rate' when that is a numeric RunParams key."""
     name = key[: -len("_scale")]
-    if key.endswith("_scale") and name in FIELDS and typing.get_type_hints(RunParams)[name] in (int, float):
+    if key.endswith("_scale") and name in FIELDS and TYPE_HINTS[name] in (int, float):
         return name
     return None
 
