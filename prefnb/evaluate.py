@@ -153,10 +153,11 @@ def _sonnets(model, tokenizer, split: HeldOut, params, encoders, device) -> dict
 
 
 def _user_data(model, tokenizer, split: HeldOut, params, encoders, device) -> dict[str, float]:
-    """A user's data has no task metric: SFT runs are scored by held-out NLL per response token."""
+    """A user's data has no task metric: SFT runs are scored by held-out NLL per response token
+    (of the completion; of the chosen response in preference rows, which SFT trains on)."""
     if params.is_preference:
         return {}
-    items = [encoders.one(r["prompt"], r["completion"]) for r in split.rows]
+    items = [encoders.one(r["prompt"], r["completion"] if "completion" in r else r["chosen"]) for r in split.rows]
     scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=params.eval_batch_size, device=device)
     return {f"{split.name}/loss": float(-scores.sum() / sum(e.n_response for e in items))}
 

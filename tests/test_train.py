@@ -518,3 +518,15 @@ def test_sonnet_report_adds_the_benchmarks_seeded_sampled_decoding(monkeypatch):
     assert [(c["greedy"], c["temperature"], c["top_p"]) for c in calls[-2:]] == [(True, 1.0, 0.9), (False, 1.2, 0.9)]
     assert score("test") == report  # seeded
     assert set(score("eval")) == {"eval/chrf", "eval/chrf_full"}
+
+
+def test_sft_on_preference_jsonl_is_scored_on_the_chosen_responses(tmp_path):
+    """SFT on a user's prompt/chosen/rejected file trains on the chosen responses, so its held-out
+    NLL (eval/loss, its key metric) is theirs (the old code raised KeyError 'completion' after training)."""
+    data = tmp_path / "pref.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}:", "chosen": f" number {i}", "rejected": f" no {i}"}) + "\n"
+                            for i in range(20)))
+    metrics = train_mod.train(make_params(tmp_path, "sft_pref", task="jsonl", data_path=str(data), max_steps=2),
+                              progress=False)
+    assert metrics["eval/loss"] > 0 and metrics["final/eval/loss"] == metrics["eval/loss"]
+    assert 0.0 <= metrics["eval/implicit_reward_accuracy"] <= 1.0
