@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from prefnb.objectives import DEFAULTS
+from prefnb import objectives
 from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, SCENARIOS, TASK_METRIC, _effect_rows, _metric_spec, cell, fmt,
                            grid_table, HEADERS, markdown_table, not_drawn, paired_t)
 
@@ -71,9 +71,9 @@ def _best_against(rows: pd.DataFrame, by: list[str], default: tuple | None, on: 
 
 
 def _default_beta(rows: pd.DataFrame) -> float | None:
-    """The swept β closest to DPO's default (objectives.DEFAULTS) on a log scale."""
+    """The swept β closest to DPO's default (prefnb.objectives) on a log scale."""
     betas = sorted(rows["beta"].dropna().unique()) if "beta" in rows else []
-    target = DEFAULTS["dpo"]["beta"]
+    target = objectives.default("dpo", "beta")
     return min(betas, key=lambda b: abs(np.log(b / target))) if betas else None
 
 
