@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
-from prefnb import objectives
+from prefnb import metrics, objectives
 # The objectives' names live in prefnb.objectives (torch-free, so validating params stays fast).
 from prefnb.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, SFT_LOSSES  # noqa: F401 (this module's API too)
 
@@ -144,10 +144,8 @@ class RunParams:
 
     @property
     def key_metric(self) -> str:
-        """The dev metric that picks the best checkpoint and sums a run up."""
-        if self.task in KEY_METRICS:
-            return KEY_METRICS[self.task]
-        return "eval/implicit_reward_accuracy" if self.is_preference else "eval/loss"
+        """The selection-split metric that picks the best checkpoint and sums a run up."""
+        return metrics.key_metric(self.task, self.is_preference)
 
     def run_id(self) -> str:
         """Stable id from the resolved parameters that change results (contract 3).
@@ -164,7 +162,6 @@ class RunParams:
         return Path(outputs_root) / self.experiment / self.run_id()
 
 
-KEY_METRICS = {"paraphrase": "eval/accuracy", "sonnets": "eval/chrf"}
 _LOCATION_KEYS = frozenset({"output_dir", "cache_dir", "data_dir"})
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunParams)}
 

@@ -22,8 +22,10 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from prefnb.experiments import IRW, SCENARIOS
+from prefnb.metrics import TASK_METRIC, spec
 from prefnb.objectives import PREFERENCE_OBJECTIVES, SFT_LOSSES
-from prefnb.tables import IRW, METRIC_LABELS, SCENARIOS, TASK_METRIC, t_interval
+from prefnb.tables import t_interval
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def _long(data: pd.DataFrame, per_task: dict[str, list[str]]) -> pd.DataFrame:
         sub = data[data["task"] == task]
         for m in metrics:
             if m in sub and sub[m].notna().any():
-                part = sub.assign(measure=f"{task}: {AXIS.get(m, METRIC_LABELS.get(m, m))}", value=sub[m])
+                part = sub.assign(measure=f"{task}: {AXIS.get(m, spec(m).label)}", value=sub[m])
                 parts.append(part[part["value"].notna()])
     return pd.concat(parts, ignore_index=True) if parts else data.iloc[0:0].assign(measure=[], value=[])
 

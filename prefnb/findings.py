@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 
 from prefnb import objectives
-from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, SCENARIOS, TASK_METRIC, _effect_rows, _metric_spec, cell, fmt,
-                           grid_table, HEADERS, markdown_table, not_drawn, paired_t)
+from prefnb.experiments import SCENARIOS, Question
+from prefnb.metrics import TASK_METRIC
+from prefnb.tables import (EFFECTS, HEADERS, _effect_rows, _metric_spec, cell, fmt, grid_table, markdown_table,
+                           not_drawn, paired_t)
 
 log = logging.getLogger(__name__)
 NONE = (float("nan"),) * 3 + (0, 0)
@@ -86,7 +88,7 @@ def floor(df: pd.DataFrame, data_majority=None) -> dict[str, pd.DataFrame]:
         parts = []
         b = base[base["task"] == task] if len(base) else base
         if len(b):
-            start = b.get("label_starting_model", pd.Series("base", index=b.index)).fillna("base")
+            start = b["starting_model"].replace("", "base")
             parts.append(b.assign(baseline="zero-shot " + start + " model (" + b["model"].astype(str) + ")"))
             if "test/majority_accuracy" in b and b["test/majority_accuracy"].notna().any():
                 m = b.dropna(subset=["test/majority_accuracy"]).iloc[:1]
@@ -186,33 +188,6 @@ def findings_markdown(table: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------
 # one table per question (the main text; every cell of every grid is in the appendix)
 # ---------------------------------------------------------------------------------------
-def _best_beta(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each (reward, reference) of the β sweep at its best β, chosen on the selection split."""
-    rows = rows[rows["method"] != "SFT"]  # the stronger reference's SFT runs are no sweep cells
-    means = rows.groupby(["task", "reward", "reference_kind", "beta"])["eval_quality"].mean().dropna()
-    best = means.groupby(level=[0, 1, 2]).idxmax()
-    return rows.set_index(["task", "reward", "reference_kind", "beta"]).loc[list(best)].reset_index()
-
-
-def _largest_size(rows: pd.DataFrame) -> pd.DataFrame:
-    rows = rows[rows["method"] != "SFT"]
-    return rows[rows["train_size"] == rows.groupby("task")["train_size"].transform("max")]
-
-
-QUESTIONS = {  # id: (experiments, the rows shown, cell keys, metrics, caption)
-    "methods": (("01_sft", "02_dpo", "03_staged"), None, ["method", "tuning"], ["test_quality", IRW],
-                "Question 1: SFT, DPO alone and staged SFT→DPO, after the untrained floor (majority class, "
-                "zero-shot starting model)"),
-    "reference": (("04_reference_strength",), _best_beta, ["reward", "reference_kind", "beta"], ["test_quality", IRW],
-                  "Question 2: each reward and reference at its best β (chosen on the selection split)"),
-    "variants": (("06_dpo_variants",), _largest_size, ["scenario", "objective"], ["test_quality", IRW],
-                 "Question 3: each preference objective from each starting point, at the largest training set"),
-    "sft-objectives": (("07_sft_objectives",), lambda rows: rows[rows["stage"] == "after DPO"],
-                       ["sft_objective", "sft_lr_scale"], ["test_quality", IRW, IRW_TOTAL],
-                       "Question 4: DPO after each SFT objective and SFT learning rate"),
-}
-
-
 def _floor_rows(f: pd.DataFrame, columns: list[str], task: str) -> list[dict]:
     name, spec = _metric_spec("test_quality", task)
     out = []
@@ -223,9 +198,10 @@ def _floor_rows(f: pd.DataFrame, columns: list[str], task: str) -> list[dict]:
     return out
 
 
-def question_table(df: pd.DataFrame, name: str, floors: dict[str, pd.DataFrame]) -> str:
+def question_table(df: pd.DataFrame, question: Question, floors: dict[str, pd.DataFrame]) -> str:
     """The markdown of one question's table (test split, mean ± 95 % t-interval over seeds)."""
-    experiments, select, keys, metrics, caption = QUESTIONS[name]
+    name, experiments, select, keys, metrics, caption = (question.name, question.experiments, question.rows,
+                                                         list(question.cells), list(question.metrics), question.caption)
     sub = df[df["experiment"].isin(experiments)] if len(df) else df
     sub = select(sub) if select is not None and len(sub) else sub
     parts = []

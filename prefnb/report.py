@@ -2,20 +2,24 @@
 
 ``collect_runs`` reads every finished run directory (``outputs/<experiment>/<run_id>/`` with
 the ``COMPLETE`` marker, contract 3) into one row: experiment, run id, every resolved
-parameter, every metric, the run's grid labels (``labels.json`` when the study wrote one)
-and labels derived from the parameters (method, tuning, reference kind, scenario, …).
+parameter, every metric, the run's grid group and axis labels (the study's ``study.json``, or a
+``labels.json``) and its report labels (method, reference kind, scenario, …), which its
+experiment's declaration in :mod:`prefnb.experiments` reads from those grid labels.
 
 ``build_report`` writes, under ``outputs/report/``:
 
 - ``runs.csv`` / ``runs.parquet``   the table;
 - ``tables/*.md|csv``              per-experiment mean ± 95 % t-interval across seeds, paired effects;
 - ``numbers.json``, ``_variables.yml`` every number the paper's text quotes (Quarto ``var``);
-- ``sections/*.md``                the results block of each experiment (figures + tables);
+- ``sections/*.md``                the results block of each experiment (its figures);
+- ``tables/q-*.md``, ``tables/findings.md``, ``appendix.md`` one table per question, the findings
+                                    (:mod:`prefnb.findings`), every grid (the paper's appendix);
 - ``figures/*.png|svg``            the study's figures (``prefnb.figures``).
 
 Everything except the figures is a pure function of the table, so ``prefnb verify`` can
 rebuild it in memory (``build_text_artifacts``) and compare with what the paper used.
-Statistics and tables live in :mod:`prefnb.tables`, figures in :mod:`prefnb.figures`.
+Statistics and tables live in :mod:`prefnb.tables`, figures in :mod:`prefnb.figures`, metric
+names, labels and directions in :mod:`prefnb.metrics`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +34,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from prefnb.findings import QUESTIONS, findings, findings_markdown, floor, question_table
+from prefnb.experiments import EXPERIMENTS, IRW, IRW_TOTAL, run_labels
+from prefnb.findings import findings, findings_markdown, floor, question_table
 from prefnb.rundir import MARKER
-from prefnb.tables import (EFFECTS, IRW, IRW_TOTAL, METRIC_LABELS, SCENARIOS, SUMMARY, TASK_METRIC,  # noqa: F401
-                           _metric_spec, cell, effects, fmt, markdown_table, not_drawn, operating_points,
-                           report_metric,
-                           selection_metric, settings_table, summary_table)
+from prefnb.metrics import TASK_METRIC, key_metric, report_twin
+from prefnb.metrics import spec as metric_row
+from prefnb.tables import (EFFECTS, _metric_spec, cell, effects, fmt, markdown_table, not_drawn, operating_points,
+                           settings_table, summary_table)
 
 log = logging.getLogger(__name__)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads hundreds of params files fast
@@ -102,79 +106,43 @@ def runs_csv(df: pd.DataFrame) -> str:
     return df.to_csv(index=False, float_format="%.10g", lineterminator="\n")
 
 
-def _run_key(path: Any) -> str | None:
-    """init_from (a run directory or its checkpoint/) → the run id it names."""
-    if not isinstance(path, str) or not path:
-        return None
-    p = Path(path)
-    return p.parent.name if p.name in ("checkpoint", "state") else p.name
-
-
 def _tuning(r: Any) -> str:
     return "FFT" if not r or (isinstance(r, float) and math.isnan(r)) or int(r) == 0 else f"LoRA r={int(r)}"
 
 
-def _lr_scale(x: float) -> str:
-    if not x or math.isnan(x):
-        return ""
-    f = Fraction(x).limit_denominator(256)
-    return f"{f.numerator}×" if f.denominator == 1 else f"{f.numerator}/{f.denominator}×"
-
-
 def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Add method, tuning, reward, reference_kind, scenario, SFT-parent columns, and the key
-    metric on both splits (eval_quality: selection, test_quality: report)."""
+    """Add each run's report labels (method, stage, reward, reference kind, scenario, SFT objective
+    and learning rate: :func:`prefnb.experiments.run_labels`, from the grid labels the study
+    recorded), its fine-tuning, and its key metric on both splits (eval_quality: selection,
+    test_quality: report)."""
     if df.empty:
         return pd.DataFrame(columns=["experiment", "run_id", "task", "seed", "method", "tuning", "eval_quality",
                                      "test_quality"])
     df = df.copy()
-    for col, default in (("objective", "sft"), ("init_from", None), ("lora_r", 0), ("reference", "policy"),
-                         ("model", "tiny"), ("task", "paraphrase"), ("seed", 0), ("sft_loss", "kl"),
-                         ("learning_rate", float("nan"))):
+    for col, default in (("objective", "sft"), ("lora_r", 0), ("task", "paraphrase"), ("seed", 0)):
         if col not in df:
             df[col] = default
     df = df.sort_values(["experiment", "run_id"], kind="stable").reset_index(drop=True)
-    pref = df["objective"] != "sft"
-    parent_id = df["init_from"].map(_run_key)
-    by_id = df.drop_duplicates("run_id").set_index("run_id")
-    parent = parent_id.map(lambda k: by_id.loc[k] if k in by_id.index else None)
-    parent_is_sft = parent.map(lambda p: p is not None and p["objective"] == "sft")
-    df["method"] = np.where(~pref, "SFT", np.where(df["init_from"].notna(), "staged", "DPO"))
+    grid = [c for c in df.columns if c.startswith("label_")]
+    labels = [run_labels(row["experiment"], row.get("label_group"),
+                         {**row, **{c[len("label_"):]: row[c] for c in grid if not _missing(row[c])}})
+              for row in df.to_dict("records")]
+    df = pd.concat([df, pd.DataFrame(labels, index=df.index)], axis=1)
     df["tuning"] = df["lora_r"].map(_tuning)
-    free = df["objective"].isin(["simpo", "cpo", "orpo"])
-    df["reward"] = np.select([~pref, free, df["reference"] == "none", df["reference"] == "prior"],
-                             ["", "reference-free", "probability", "likelihood"], "dpo")
-    start = np.where(df["init_from"].notna(), "SFT model", "base model")
-    df["reference_kind"] = np.select(
-        [~pref | free, df["reference"] == "none", df["reference"] == "prior", df["reference"] == "policy"],
-        ["", "none", "prior p(y)", start], "stronger model")
-    base_model = df.loc[~pref, "model"].mode()
-    base_model = base_model.iloc[0] if len(base_model) else df["model"].mode().iloc[0]
-    derived = np.select([~pref, df["init_from"].notna(), df["model"] != base_model],
-                        ["", "after_sft", "instruct"], "no_sft")
-    scen = df["label_scenario"].fillna(pd.Series(derived)) if "label_scenario" in df else pd.Series(derived)
-    df["scenario"] = scen.map(lambda s: SCENARIOS.get(s, s))
-    df.loc[pref & (df["scenario"] == SCENARIOS["instruct"]), "method"] = "DPO"  # its init_from is no SFT stage
-    # The SFT run a preference run started from (07: its objective and learning rate).
-    df["sft_objective"] = np.where(~pref, df["sft_loss"],
-                                   parent.map(lambda p: p["sft_loss"] if p is not None else ""))
-    sft_lr = np.where(~pref, df["learning_rate"],
-                      parent.map(lambda p: p["learning_rate"] if p is not None else np.nan)).astype(float)
-    df["sft_learning_rate"] = sft_lr
-    top = pd.Series(sft_lr).groupby([df["experiment"], df["task"]]).transform("max")
-    df["sft_lr_scale"] = [_lr_scale(a / b) if b and not math.isnan(a) else "" for a, b in zip(sft_lr, top)]
-    df["stage"] = np.where(~pref, "SFT model", np.where(parent_is_sft, "after DPO", "DPO"))
-    df["sft_parent"] = parent_id.where(parent_is_sft, "").fillna("")
     if "train/peak_memory_bytes" in df:
         df["peak_memory_mib"] = df["train/peak_memory_bytes"] / 2**20
     # The run's key metric on both splits: `eval_quality` (selection: it picks best cells) and
     # `test_quality` (report: every table, figure and quoted number).
-    df["selection_metric"] = df["task"].map(selection_metric)
-    df["metric"] = df["selection_metric"].map(report_metric)
+    df["selection_metric"] = [key_metric(t, o != "sft") for t, o in zip(df["task"], df["objective"])]
+    df["metric"] = df["selection_metric"].map(report_twin)
     records = df.to_dict("records")
     for column, names in (("eval_quality", df["selection_metric"]), ("test_quality", df["metric"])):
         df[column] = [float(row[m]) if m in row and row[m] is not None else np.nan for m, row in zip(names, records)]
     return df
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def profile_of(df: pd.DataFrame) -> str:
@@ -194,7 +162,7 @@ def profile_of(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------
 # numbers quoted in the text
 # ---------------------------------------------------------------------------------------
-def best_cell(df: pd.DataFrame, by: list[str], spec: str) -> dict[str, str]:
+def best_cell(df: pd.DataFrame, by: list[str], fmt_spec: str) -> dict[str, str]:
     """The best cell of a grid, chosen on the SELECTION split and quoted on the REPORT split.
 
     {"cell": its label, "value": mean ± 95 % t-interval over seeds of ``test_quality`` (what the
@@ -204,6 +172,8 @@ def best_cell(df: pd.DataFrame, by: list[str], spec: str) -> dict[str, str]:
     if df.empty or df["eval_quality"].isna().all():
         return none
     means = df.groupby(by, dropna=False)["eval_quality"].mean().dropna()
+    sign = 1 if metric_row(df["selection_metric"].iloc[0]).higher_is_better else -1  # -1: e.g. held-out NLL
+    means = sign * means
     key = means.idxmax()
     key = key if isinstance(key, tuple) else (key,)
     chosen = np.logical_and.reduce([df[col] == k for col, k in zip(by, key)])
@@ -212,7 +182,8 @@ def best_cell(df: pd.DataFrame, by: list[str], spec: str) -> dict[str, str]:
     ties = int((means == means.max()).sum()) - 1  # an argmax among equals names one of them: say so
     if ties:
         label += f", tied on the selection split with {ties} other cell{'s' if ties > 1 else ''}"
-    return {"cell": label, "value": cell(test, spec) or "n/a", "selection": fmt(float(means.max()), spec)}
+    return {"cell": label, "value": cell(test, fmt_spec) or "n/a",
+            "selection": fmt(sign * float(means.max()), fmt_spec)}
 
 
 def _ratio(a: pd.Series, b: pd.Series) -> str:
@@ -265,7 +236,7 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
     n = {
         "profile": profile, "is_smoke": profile == "smoke",
         "runs": {"total": int(len(df)), **{e: int((df["experiment"] == e).sum()) if len(df) else 0
-                                           for e in SUMMARY}},
+                                           for e in EXPERIMENTS}},
         "seeds": {"n": len(seeds), "list": ", ".join(map(str, seeds)) or "none"},
         "models": ", ".join(sorted(df["model"].dropna().astype(str).unique())) if len(df) else "none",
         "devices": ", ".join(sorted(df["device"].dropna().astype(str).unique())) if "device" in df and
@@ -309,18 +280,6 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # the paper's generated inputs
 # ---------------------------------------------------------------------------------------
-_CI = "test split, mean ± 95% t-interval across seeds"
-TABLE_CAPTIONS = {
-    "00_baselines": "Zero-shot baselines: each starting model untrained, and the majority class (test split)",
-    "01_sft": f"SFT: {_CI}", "02_dpo": f"DPO alone: {_CI}",
-    "03_staged": f"Staged SFT→DPO: {_CI}",
-    "04_reference_strength": f"β sweep by reward kind and reference: {_CI}",
-    "05_lora_vs_fft": f"LoRA vs FFT: quality and cost (training only), {_CI}",
-    "06_dpo_variants": f"Preference objectives × scenario × training-set fraction: {_CI}",
-    "07_sft_objectives": f"SFT objective × SFT learning rate: the SFT model and the model after DPO, {_CI}",
-}
-
-
 def _slug(name: str) -> str:
     return name.split("_", 1)[-1].replace("_", "-")
 
@@ -329,16 +288,17 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     """Every generated text input of the paper, keyed by its path relative to report/."""
     from prefnb.figures import FIGURES, drawable
 
+    figures = {f.name: f for f in FIGURES}
     files: dict[str, str] = {"runs.csv": runs_csv(df)}
     # The paper is about the study's experiments; other finished runs (e.g. `prefnb train`
     # examples) stay in runs.csv and are counted as runs.other.
-    other = int((~df["experiment"].isin(SUMMARY)).sum()) if len(df) else 0
-    df = df[df["experiment"].isin(SUMMARY)].reset_index(drop=True) if len(df) else df
+    other = int((~df["experiment"].isin(EXPERIMENTS)).sum()) if len(df) else 0
+    df = df[df["experiment"].isin(EXPERIMENTS)].reset_index(drop=True) if len(df) else df
     ready = {f.name for f in drawable(df)}
     appendix = []
-    for exp in SUMMARY:
+    for exp, declared in EXPERIMENTS.items():
         parts = []
-        for f in (f for f in FIGURES if exp == f.experiments[-1]):
+        for f in (figures[name] for name in declared.figures):
             ref = f"fig-{f.name.replace('_', '-')}"
             parts.append(f"![{f.caption}](_generated/figures/{f.name}.png){{#{ref} fig-alt=\"{f.alt}\"}}\n"
                          if f.name in ready else
@@ -352,9 +312,8 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
             stem = f"tables/{exp}-{task}"
             files[f"{stem}.csv"] = table.to_csv(index=False, lineterminator="\n")
             files[f"{stem}.md"] = md = markdown_table(table)
-            caption = TABLE_CAPTIONS.get(exp, f"{exp}: {_CI}")
             # the floor's table is short and stays with its section; every other grid is in the appendix
-            (parts if exp == "00_baselines" else grids).append(md + f"\n: {caption} — {task} "
+            (parts if exp == "00_baselines" else grids).append(md + f"\n: {declared.caption} — {task} "
                                                                f"{{#tbl-{_slug(exp)}-{task}}}\n")
         if not tasks and not parts:
             parts.append(f"::: {{.callout-note}}\nNo finished runs of `{exp}` in these outputs: its figures and "
@@ -363,8 +322,8 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
         appendix += grids
     files["appendix.md"] = "\n".join(appendix) or "No finished runs: no grids.\n"
     floors = floor(df)
-    for name in QUESTIONS:
-        files[f"tables/q-{name}.md"] = question_table(df, name, floors)
+    for question in (d.question for d in EXPERIMENTS.values() if d.question):
+        files[f"tables/q-{question.name}.md"] = question_table(df, question, floors)
     found, found_numbers = findings(df, floors)
     files["tables/findings.csv"] = found.to_csv(index=False, lineterminator="\n")
     files["tables/findings.md"] = findings_markdown(found)

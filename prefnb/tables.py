@@ -19,48 +19,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from prefnb.config import KEY_METRICS
+from prefnb.experiments import EXPERIMENTS, IRW
+from prefnb.metrics import TASK_METRIC, key_metric, report_twin, spec
 
-
-def report_metric(selection_metric: str) -> str:
-    """The report-split twin of a selection-split metric: ``eval/x`` → ``test/x``."""
-    return "test/" + selection_metric.split("/", 1)[1]
-
-
-# The metric that sums a run up, per task: selected on KEY_METRICS (eval/), reported here (test/).
-TASK_METRIC = {task: report_metric(m) for task, m in KEY_METRICS.items()}
-IRW = "test/implicit_reward_accuracy"             # against the run's own reference
-IRW_TOTAL = "test/implicit_reward_accuracy_total"  # against the base model the chain started from
-_NAMES = {"accuracy": "accuracy", "f1": "F1", "chrf": "chrF", "chrf_full": "chrF (whole sonnet)",
-          "chrf_sampled": "chrF (sampled)", "chrf_full_sampled": "chrF (whole sonnet, sampled)",
-          "implicit_reward_accuracy": "implicit-reward acc.",
-          "implicit_reward_accuracy_total": "implicit-reward acc. vs base model", "loss": "held-out NLL",
-          "majority_accuracy": "majority-class accuracy", "majority_f1": "majority-class F1"}
-METRIC_LABELS = {
-    **{f"test/{k}": f"{v} (test)" for k, v in _NAMES.items()},
-    **{f"eval/{k}": f"{v} (selection)" for k, v in _NAMES.items()},
-    "train/seconds": "train time (s)", "train/tokens_per_second": "tokens/s", "peak_memory_mib": "peak memory (MiB)",
-}
-METRIC_FORMAT = {**{f"{split}/{k}": ".1f" for split in ("eval", "test") for k in _NAMES if k.startswith("chrf")},
-                 "train/seconds": ".1f", "train/tokens_per_second": ".0f", "peak_memory_mib": ".0f"}
-SCENARIOS = {"after_sft": "after SFT", "no_sft": "no SFT", "instruct": "instruction-tuned start"}
-# Per experiment: the columns that identify a cell (seeds are its replicates) and the metrics shown
-# (all on the report split; a metric no run has is left out).
-QUALITY = ["test_quality", IRW]
-_TASK_EXTRAS = ["test/f1", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled"]
-SUMMARY = {
-    "00_baselines": (["task", "label_starting_model", "prompt_format"],
-                     ["test_quality", "test/f1", "test/chrf_full", "test/majority_accuracy", "test/majority_f1"]),
-    "01_sft": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS]),
-    "02_dpo": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS, IRW]),
-    "03_staged": (["task", "tuning"], ["test_quality", *_TASK_EXTRAS, IRW, IRW_TOTAL]),
-    "04_reference_strength": (["task", "reward", "reference_kind", "beta"], QUALITY),
-    "05_lora_vs_fft": (["task", "tuning", "max_steps"],
-                       ["test_quality", "train/seconds", "train/tokens_per_second", "peak_memory_mib"]),
-    "06_dpo_variants": (["task", "scenario", "objective", "train_size"], QUALITY),
-    "07_sft_objectives": (["task", "stage", "sft_objective", "sft_lr_scale"], [*QUALITY, IRW_TOTAL]),
-}
-DEFAULT_SUMMARY = (["task", "method", "tuning"], QUALITY)
 # t_{0.975, df} for df = 1..30 (no scipy dependency); 1.96 beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -139,39 +100,35 @@ def not_drawn(ref: str, caption: str, why: str) -> str:
     return f":::: {{#{ref}}}\n::: {{.callout-note}}\n{why}\n:::\n\n{caption} — not drawn from these outputs.\n::::\n"
 
 
-def selection_metric(task: str) -> str:
-    """The selection-split metric of a task (KEY_METRICS; implicit-reward accuracy otherwise)."""
-    return KEY_METRICS.get(task, "eval/implicit_reward_accuracy")
-
-
 def metric_name(metric: str, task: str) -> str:
-    """`test_quality` / `eval_quality` → the task's key metric on that split; other names as given."""
-    if metric == "test_quality":
-        return report_metric(selection_metric(task))
-    if metric == "eval_quality":
-        return selection_metric(task)
+    """`test_quality` / `eval_quality` → the task's key metric on that split (a JSONL task's: its
+    preference runs'); other names as given."""
+    if metric in ("test_quality", "eval_quality"):
+        selection = key_metric(task, preference=True)
+        return report_twin(selection) if metric == "test_quality" else selection
     return metric
 
 
 def _metric_spec(metric: str, task: str) -> tuple[str, str]:
     """(column name, format) of a metric (`test_quality`/`eval_quality`: the task's key metric)."""
-    name = metric_name(metric, task)
-    return METRIC_LABELS.get(name, name), METRIC_FORMAT.get(name, ".3f")
+    row = spec(metric_name(metric, task))
+    return row.label, row.format
 
 
 HEADERS = {"reference_kind": "reference", "sft_objective": "SFT objective", "sft_lr_scale": "SFT learning rate",
            "train_size": "train fraction", "max_steps": "steps", "beta": "β", "tuning": "fine-tuning",
-           "label_starting_model": "starting model", "prompt_format": "prompt format"}
+           "starting_model": "starting model", "prompt_format": "prompt format"}
 
 
 def summary_table(df: pd.DataFrame, experiment: str, task: str) -> pd.DataFrame:
     """Mean ± 95 % t-interval across seeds of each cell of one experiment's grid, for one task,
     on the report split."""
-    keys, metrics = SUMMARY.get(experiment, DEFAULT_SUMMARY)
+    declared = EXPERIMENTS.get(experiment)
     sub = df[(df["experiment"] == experiment) & (df["task"] == task)]
-    if experiment == "04_reference_strength":  # its SFT runs are the stronger reference, not sweep cells
-        sub = sub[sub["method"] != "SFT"]
-    return grid_table(sub, keys, metrics, task)
+    if declared is None:
+        return grid_table(sub, ["method", "tuning"], ["test_quality", IRW], task)
+    sub = declared.rows(sub) if declared.rows is not None and len(sub) else sub
+    return grid_table(sub, list(declared.cells), list(declared.metrics), task)
 
 
 def grid_table(sub: pd.DataFrame, keys: list[str], metrics: list[str], task: str) -> pd.DataFrame:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -33,6 +32,7 @@ from prefnb.manifest import write_manifest
 from prefnb.plugins import plugin_for
 from prefnb.precompute import ADD_EOS, Encoders, reference_logps
 from prefnb.prompts import apply_prompt_format
+from prefnb.metrics import is_better
 from prefnb.rundir import atomic_write, atomic_write_json, now_iso
 from prefnb.schedule import lr_scheduler, micro_batches
 from prefnb.session import RunContext, Session
@@ -45,12 +45,6 @@ STATE_DIR, CHECKPOINT_DIR = "state", "checkpoint"
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a missing dependency); the message says where."""
-
-
-def is_better(metric: str, new: float, old: float | None) -> bool:
-    if old is None or math.isnan(old):
-        return True
-    return new < old if metric == "eval/loss" else new > old
 
 
 # ---------------------------------------------------------------------------------------

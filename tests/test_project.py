@@ -84,3 +84,33 @@ def test_train_without_output_dir_writes_under_the_projects_outputs(clone, monke
     assert params.output_dir == str(clone.resolve() / "outputs" / "mine" / params.run_id())
     [explicit] = sweep_params([], ["output_dir=somewhere"], [])
     assert explicit.output_dir == "somewhere"  # a path the user gave is theirs
+
+
+def test_adding_an_experiment_is_a_notebook_a_params_file_and_its_declaration(clone, monkeypatch, capsys):
+    """README, "Adding an experiment", step by step; the study runs the toy on the tiny model."""
+    from prefnb.experiments import EXPERIMENTS, Experiment
+
+    # 1. the notebook: the shape of 01_sft.ipynb
+    shutil.copy(clone / "notebooks" / "01_sft.ipynb", clone / "notebooks" / "08_toy.ipynb")
+    # 2. the params file: the grid (the study records each run's group and axis labels)
+    (clone / "params" / "08_toy.yaml").write_text(yaml.safe_dump({
+        "notebook": "08_toy.ipynb", "description": "Does a smaller learning rate help the toy?",
+        "groups": {"toy": {"description": "SFT at two learning rates.",
+                           "base": {"objective": "sft", "max_steps": 2, "max_train_examples": 16,
+                                    "max_eval_examples": 8, "max_test_examples": 8, "max_length": 128},
+                           "grid": {"task": ["paraphrase"], "learning_rate_scale": [1.0, 0.5]}}}}))
+    # 3. the declaration: one entry in prefnb/experiments.py's EXPERIMENTS
+    monkeypatch.setitem(EXPERIMENTS, "08_toy", Experiment(
+        {"toy": lambda run: {"method": "SFT", "stage": f"lr × {run['learning_rate_scale']}"}},
+        cells=("stage",), metrics=("test_quality",), caption="The toy: SFT at two learning rates"))
+    monkeypatch.chdir(clone)
+    assert cli.main(["study", "--only", "08_toy", "--list"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert cli.main(["study", "--only", "08_toy"]) == 0
+    assert len(list(clone.glob("outputs/08_toy/*/COMPLETE"))) == 2
+    assert cli.main(["paper", "--no-render"]) == 0
+    appendix = (clone / "paper" / "_generated" / "appendix.md").read_text()
+    assert "## 08_toy" in appendix
+    assert "The toy: SFT at two learning rates — paraphrase {#tbl-toy-paraphrase}" in appendix
+    assert "| lr × 1.0 |" in appendix and "| lr × 0.5 |" in appendix  # its labels, from its grid
+    assert yaml.safe_load((clone / "paper" / "_variables.yml").read_text())["runs"]["08_toy"] == 2

@@ -15,7 +15,8 @@ from prefnb.rundir import mark_finished
 
 
 def _write_run(root: Path, seed_rng: random.Random, *, finished: bool = True, labels: dict | None = None,
-               **overrides) -> Path:
+               group: str | None = None, **overrides) -> Path:
+    """A finished run directory; with ``group``, the study's record of it (its grid group and labels)."""
     params = RunParams(**overrides)
     run_dir = root / params.experiment / params.run_id()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,10 @@ def _write_run(root: Path, seed_rng: random.Random, *, finished: bool = True, la
         metrics["test/" + name[5:]] = metrics[name] - scale * (0.01 + seed_rng.uniform(-0.02, 0.02))
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "manifest.json").write_text(json.dumps({"device": "cpu:x86_64 (2 threads)", "code_version": "0.1.0"}))
-    if labels:
+    if group:
+        (run_dir / "study.json").write_text(json.dumps({"group": f"{params.experiment}/{group}",
+                                                        "labels": labels or {}}))
+    elif labels:
         (run_dir / "labels.json").write_text(json.dumps(labels))
     if finished:
         mark_finished(run_dir)
@@ -48,40 +52,46 @@ def _write_run(root: Path, seed_rng: random.Random, *, finished: bool = True, la
 
 
 def make_fake_outputs(root: Path, seeds=(0, 1)) -> Path:
-    """A small but complete synthetic study: every experiment, both tasks, two seeds."""
+    """A small but complete synthetic study: every experiment, both tasks, two seeds, each run
+    with the grid group and labels the study would record."""
     rng = random.Random(0)
     sft = {}
+    rewards = {"policy": "dpo", "none": "probability", "prior": "likelihood", "gpt2-stronger": "stronger_reference"}
     for seed in seeds:
         for task in ("paraphrase", "sonnets"):
             for lora_r in (0, 16):
                 sft[task, lora_r, seed] = _write_run(root, rng, experiment="01_sft", task=task, lora_r=lora_r,
-                                                     seed=seed)
-                _write_run(root, rng, experiment="02_dpo", task=task, lora_r=lora_r, seed=seed, objective="dpo")
+                                                     seed=seed, group="sft")
+                _write_run(root, rng, experiment="02_dpo", task=task, lora_r=lora_r, seed=seed, objective="dpo",
+                           group="dpo")
                 _write_run(root, rng, experiment="03_staged", task=task, lora_r=lora_r, seed=seed, objective="dpo",
-                           init_from=str(sft[task, lora_r, seed]))
+                           init_from=str(sft[task, lora_r, seed]), group="staged")
             start = str(sft[task, 0, seed])
             for beta in (0.01, 1.0):
                 for ref in ("policy", "none", "prior", "gpt2-stronger"):
                     _write_run(root, rng, experiment="04_reference_strength", task=task, seed=seed, objective="dpo",
-                               beta=beta, reference=ref, init_from=start)
+                               beta=beta, reference=ref, init_from=start, group="sweep",
+                               labels={"reward": rewards[ref]})
             for lora_r in (0, 4, 64):
                 for steps in (50, 100):
                     _write_run(root, rng, experiment="05_lora_vs_fft", task=task, seed=seed, lora_r=lora_r,
-                               max_steps=steps)
+                               max_steps=steps, group="depth")
             for objective in ("dpo", "simpo"):
                 for scenario, extra in (("after_sft", {"init_from": start}), ("no_sft", {}),
                                         ("instruct", {"model": "tiny-instruct"})):
                     for size in (0.25, 1.0):
                         _write_run(root, rng, experiment="06_dpo_variants", task=task, seed=seed, objective=objective,
-                                   train_size=size, labels={"scenario": scenario}, **extra)
+                                   train_size=size, group="variants", labels={"scenario": scenario}, **extra)
             for loss in ("kl", "chi2"):
-                for lr in (5e-5, 1.25e-5):
+                for lr, scale in ((5e-5, 1.0), (1.25e-5, 0.25)):
                     parent = _write_run(root, rng, experiment="07_sft_objectives", task=task, seed=seed,
-                                        sft_loss=loss, learning_rate=lr)
+                                        sft_loss=loss, learning_rate=lr, group="sft",
+                                        labels={"sft_loss": loss, "learning_rate_scale": scale})
                     _write_run(root, rng, experiment="07_sft_objectives", task=task, seed=seed, objective="dpo",
-                               init_from=str(parent))
+                               init_from=str(parent), group="dpo",
+                               labels={"init_from.sft_loss": loss, "init_from.learning_rate_scale": scale})
     # an unfinished run (no COMPLETE marker) must not appear anywhere
-    _write_run(root, rng, finished=False, experiment="01_sft", task="paraphrase", seed=99)
+    _write_run(root, rng, finished=False, experiment="01_sft", task="paraphrase", seed=99, group="sft")
     return root
 
 
@@ -263,7 +273,7 @@ def test_floor_is_00_baselines_where_it_ran_else_the_majority_class_of_the_data(
     sft = df["test_quality"]
     assert numbers["sft_vs_majority"]["paraphrase"]["difference"] == f"{sft.mean() - 0.5:+.3f}"
     assert list(table["comparison"]) == ["SFT − majority class"]
-    zero = _write_run(tmp_path, rng, experiment="00_baselines", task="paraphrase", seed=0,
+    zero = _write_run(tmp_path, rng, experiment="00_baselines", task="paraphrase", seed=0, group="zero_shot",
                       labels={"starting_model": "base"})
     metrics = json.loads((zero / "metrics.json").read_text())
     (zero / "metrics.json").write_text(json.dumps({**metrics, "test/majority_accuracy": 0.6}))
@@ -281,3 +291,22 @@ def test_a_real_model_paper_names_its_profile_model_and_which_weights():
     assert "**smollm2** profile" in block and "`smollm2-135m-instruct`" in block
     assert "4-bit (Q4_1) GGUF quantisation of `HuggingFaceTB/SmolLM2-135M-Instruct`" in block
     assert "dequantised to float32" in block and "pipeline" not in block
+
+
+def test_one_metrics_table_a_jsonl_sft_run_is_selected_and_summed_up_on_its_nll(tmp_path):
+    """config.KEY_METRICS said eval/loss for a JSONL SFT run, tables.TASK_METRIC implicit-reward accuracy."""
+    from prefnb.metrics import is_better, key_metric, spec
+    from prefnb.report import best_cell, collect_runs
+
+    run = _write_run(tmp_path, random.Random(2), experiment="08_mine", task="jsonl", data_path="x.jsonl")
+    (run / "metrics.json").write_text(json.dumps({"eval/loss": 1.5, "test/loss": 1.7,
+                                                  "eval/implicit_reward_accuracy": 0.9}))
+    other = _write_run(tmp_path, random.Random(3), experiment="08_mine", task="jsonl", data_path="x.jsonl",
+                       learning_rate=1e-4)
+    (other / "metrics.json").write_text(json.dumps({"eval/loss": 1.2, "test/loss": 1.4}))
+    df = collect_runs(tmp_path, save=False)
+    assert set(df["selection_metric"]) == {"eval/loss"} and key_metric("jsonl", False) == "eval/loss"
+    assert sorted(df["test_quality"]) == [1.4, 1.7]
+    assert best_cell(df, ["learning_rate"], ".2f")["selection"] == "1.20"  # the lower NLL wins
+    assert is_better("eval/loss", 1.0, 2.0) and not is_better("eval/accuracy", 0.5, 0.6)
+    assert is_better("train/seconds", 1.0, 2.0) and spec("test/chrf").format == ".1f"

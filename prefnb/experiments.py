@@ -1,0 +1,164 @@
+"""The study's experiments as the report reads them: one declaration per experiment.
+
+An experiment is three files and nothing else: its notebook (``notebooks/NN_name.ipynb``), its
+grid (``params/NN_name.yaml``: the runs, each with the labels of its grid axes, which the study
+records in the run's ``study.json``) and its declaration here, in :data:`EXPERIMENTS`:
+
+- ``groups``: per group of its grid, the report labels of the group's runs (method, stage,
+  reward, …), a function of the run: its parameters and, over them, the labels of its grid
+  axes as the study recorded them (``init_from.sft_loss``: an axis of the run it starts from);
+  a run the study did not make (no record) gets the labels of its objective only;
+- ``cells`` and ``metrics``: the columns that identify a cell of its grid (seeds are its
+  replicates) and what its per-task tables show, on the report split (``test_quality``: the
+  task's key metric, :mod:`prefnb.metrics`); ``rows`` picks the runs that are cells;
+- ``caption``: of those tables (they are in the paper's appendix);
+- ``question``: the table the paper's main text shows for it, if any (``rows`` of it, ``cells``,
+  ``metrics``, caption); ``figures``: the names of its figures in :mod:`prefnb.figures`.
+
+The comparisons between experiments (the effects, the findings) are in :mod:`prefnb.findings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+import pandas as pd
+
+from prefnb.objectives import REFERENCE_FREE
+
+IRW = "test/implicit_reward_accuracy"             # against the run's own reference
+IRW_TOTAL = "test/implicit_reward_accuracy_total"  # against the base model the chain started from
+SCENARIOS = {"after_sft": "after SFT", "no_sft": "no SFT", "instruct": "instruction-tuned start"}
+_CI = "test split, mean ± 95% t-interval across seeds"
+_TASK_EXTRAS = ("test/f1", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled")
+Labels = Callable[[dict[str, Any]], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Question:
+    name: str                     # its table is tbl-q-<name>
+    experiments: tuple[str, ...]  # whose runs it shows
+    rows: Callable[[pd.DataFrame], pd.DataFrame] | None
+    cells: tuple[str, ...]
+    metrics: tuple[str, ...]
+    caption: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    groups: dict[str, Labels]
+    cells: tuple[str, ...]
+    metrics: tuple[str, ...]
+    caption: str
+    rows: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    question: Question | None = None
+    figures: tuple[str, ...] = field(default=())
+
+
+def _scale(value: Any) -> str:
+    """A learning-rate scale as the tables write it: 1 → "1×", 0.0625 → "1/16×"; "" if not recorded."""
+    if value is None or value == "":
+        return ""
+    f = Fraction(float(value)).limit_denominator(256)
+    return f"{f.numerator}×" if f.denominator == 1 else f"{f.numerator}/{f.denominator}×"
+
+
+def _method(name: str) -> Labels:
+    return lambda run: {"method": name}
+
+
+# 04's reward axis → (reward, reference) as the tables name them
+REWARDS = {"dpo": ("dpo", "SFT model"), "probability": ("probability", "none"),
+           "likelihood": ("likelihood", "prior p(y)"), "stronger_reference": ("dpo", "stronger model")}
+
+
+def _variant(run: dict[str, Any]) -> dict[str, str]:
+    """06: the scenario is the start (after SFT = staged; no SFT and instruction-tuned = DPO alone)."""
+    return {"method": "staged" if run["scenario"] == "after_sft" else "DPO", "scenario": SCENARIOS[run["scenario"]],
+            "reward": "reference-free" if run["objective"] in REFERENCE_FREE else "dpo"}
+
+
+def _best_beta(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each (reward, reference) of the β sweep at its best β, chosen on the selection split."""
+    rows = _preference(rows)
+    means = rows.groupby(["task", "reward", "reference_kind", "beta"])["eval_quality"].mean().dropna()
+    best = means.groupby(level=[0, 1, 2]).idxmax()
+    return rows.set_index(["task", "reward", "reference_kind", "beta"]).loc[list(best)].reset_index()
+
+
+def _largest_size(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = _preference(rows)
+    return rows[rows["train_size"] == rows.groupby("task")["train_size"].transform("max")]
+
+
+def _preference(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["method"] != "SFT"]  # 04: the stronger reference's SFT runs; 06: none
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "00_baselines": Experiment(
+        {"zero_shot": lambda run: {"method": "zero-shot", "starting_model": run["starting_model"]}},
+        ("starting_model", "prompt_format"),
+        ("test_quality", "test/f1", "test/chrf_full", "test/majority_accuracy", "test/majority_f1"),
+        "Zero-shot baselines: each starting model untrained, and the majority class (test split)"),
+    "01_sft": Experiment({"sft": _method("SFT")}, ("tuning",), ("test_quality", *_TASK_EXTRAS), f"SFT: {_CI}"),
+    "02_dpo": Experiment({"dpo": _method("DPO")}, ("tuning",), ("test_quality", *_TASK_EXTRAS, IRW),
+                         f"DPO alone: {_CI}"),
+    "03_staged": Experiment(
+        {"staged": _method("staged")}, ("tuning",), ("test_quality", *_TASK_EXTRAS, IRW, IRW_TOTAL),
+        f"Staged SFT→DPO: {_CI}", figures=("methods",),
+        question=Question("methods", ("01_sft", "02_dpo", "03_staged"), None, ("method", "tuning"),
+                          ("test_quality", IRW),
+                          "Question 1: SFT, DPO alone and staged SFT→DPO, after the untrained floor (majority "
+                          "class, zero-shot starting model)")),
+    "04_reference_strength": Experiment(
+        {"strong_reference": _method("SFT"),
+         "sweep": lambda run: dict(zip(("method", "reward", "reference_kind"), ("staged", *REWARDS[run["reward"]])))},
+        ("reward", "reference_kind", "beta"), ("test_quality", IRW),
+        f"β sweep by reward kind and reference: {_CI}", rows=_preference, figures=("beta",),
+        question=Question("reference", ("04_reference_strength",), _best_beta, ("reward", "reference_kind", "beta"),
+                          ("test_quality", IRW),
+                          "Question 2: each reward and reference at its best β (chosen on the selection split)")),
+    "05_lora_vs_fft": Experiment(
+        {"depth": _method("SFT")}, ("tuning", "max_steps"),
+        ("test_quality", "train/seconds", "train/tokens_per_second", "peak_memory_mib"),
+        f"LoRA vs FFT: quality and cost (training only), {_CI}", figures=("cost",)),
+    "06_dpo_variants": Experiment(
+        {"variants": _variant, "scenarios": _variant}, ("scenario", "objective", "train_size"), ("test_quality", IRW),
+        f"Preference objectives × scenario × training-set fraction: {_CI}", figures=("variants", "train_size"),
+        question=Question("variants", ("06_dpo_variants",), _largest_size, ("scenario", "objective"),
+                          ("test_quality", IRW),
+                          "Question 3: each preference objective from each starting point, at the largest training "
+                          "set")),
+    "07_sft_objectives": Experiment(
+        {**dict.fromkeys(("sft", "sft_lr"), lambda run: {
+            "method": "SFT", "stage": "SFT model", "sft_objective": run["sft_loss"],
+            "sft_lr_scale": _scale(run.get("learning_rate_scale", 1.0))}),
+         **dict.fromkeys(("dpo", "dpo_lr"), lambda run: {
+             "method": "staged", "stage": "after DPO", "sft_objective": run.get("init_from.sft_loss", "kl"),
+             "sft_lr_scale": _scale(run.get("init_from.learning_rate_scale", 1.0))})},
+        ("stage", "sft_objective", "sft_lr_scale"), ("test_quality", IRW, IRW_TOTAL),
+        f"SFT objective × SFT learning rate: the SFT model and the model after DPO, {_CI}",
+        figures=("sft_objectives",),
+        question=Question("sft-objectives", ("07_sft_objectives",), lambda rows: rows[rows["stage"] == "after DPO"],
+                          ("sft_objective", "sft_lr_scale"),
+                          ("test_quality", IRW, IRW_TOTAL), "Question 4: DPO after each SFT objective and SFT "
+                          "learning rate")),
+}
+LABELS = ("method", "stage", "reward", "reference_kind", "scenario", "sft_objective", "sft_lr_scale", "starting_model")
+
+
+def run_labels(experiment: str, group: str | None, run: dict[str, Any]) -> dict[str, str]:
+    """The report labels of one run (``run``: its parameters, then its grid labels over them):
+    its experiment's declaration for its grid group; without one, or without the study's
+    record of the group, its objective's."""
+    declared = EXPERIMENTS.get(experiment)
+    name = group.split("/", 1)[-1] if isinstance(group, str) else None  # NaN: no record
+    labels = dict.fromkeys(LABELS, "")
+    if declared and name in declared.groups:
+        labels.update(declared.groups[name](run))
+    else:
+        labels["method"] = "SFT" if run.get("objective", "sft") == "sft" else "DPO"
+    return labels
