@@ -74,3 +74,24 @@ def test_implicit_reward_accuracy_counts_ties_as_wrong():
     z = torch.zeros(4)
     chosen = torch.tensor([1.0, 0.0, -1.0, 2.0])
     assert evaluate.implicit_reward_accuracy(chosen, z, z, z) == pytest.approx(2 / 4)  # ties (0) and -1 are wrong
+
+
+def test_line_budget_masks_eos_until_each_row_has_its_lines_then_stops_the_row():
+    # vocabulary: 0 = a word, 1 = "\n", 2 = "\n\n", 3 = EOS; prompts are 2 tokens wide
+    budget = evaluate.LineBudget(torch.tensor([0, 1, 2, 0]), lines=torch.tensor([2, 1, 2]), prompt_length=2,
+                                 eos_token_id=3)
+    ids = torch.tensor([[1, 1, 0, 1],    # one newline written (the prompt's two do not count)
+                        [0, 0, 1, 0],    # one newline written: its budget
+                        [0, 0, 2, 0]])   # "\n\n" is two lines
+    scores = budget(ids, torch.zeros(3, 4))
+    assert scores[:, 3].tolist() == [float("-inf"), 0.0, 0.0] and scores[:, :3].eq(0).all()
+    assert budget.done(ids).tolist() == [False, True, True]
+
+
+def test_tiny_generation_with_a_line_budget_never_exceeds_it():
+    from prefnb import models
+
+    model, tokenizer = models.build_tiny(seed=0)
+    texts = evaluate.generate(model, tokenizer, ["a\nb\n", "c\n"], lines=[1, 2], max_new_tokens=40, greedy=False,
+                              top_p=1.0, temperature=3.0, seed=0, batch_size=2, max_length=64, device="cpu")
+    assert [t.count("\n") <= n for t, n in zip(texts, [1, 2])] == [True, True], texts

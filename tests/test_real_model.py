@@ -201,3 +201,15 @@ def test_preflight_reads_the_embedded_presets_config_and_tokenizer(smollm2, monk
     params = resolve_params([("test", {"model": PRESET, "max_length": model.config.max_position_embeddings + 1})])
     with pytest.raises(preflight.PreflightError, match="max_length"):
         preflight.check_model(params)
+
+
+def test_sonnet_continuations_are_held_to_the_lines_the_task_fixes(smollm2, real_data_dir):
+    """Every scored continuation has exactly the true continuation's 11 lines (evaluate.LineBudget):
+    no early EOS, no run-on past the last line."""
+    model, tokenizer = smollm2
+    rows = task_rows(real_data_dir, "sonnets").eval_rows[:2]
+    lines = [evaluate.reference_lines(r) for r in rows]
+    texts = evaluate.generate(model, tokenizer, [r["prompt"] for r in rows], lines=lines, max_new_tokens=240,
+                              greedy=True, top_p=1.0, temperature=1.0, seed=0, batch_size=2, max_length=512,
+                              device="cpu")
+    assert lines == [11, 11] and [t.count("\n") for t in texts] == lines, texts
