@@ -13,7 +13,8 @@ records in the run's ``study.json``) and its declaration here, in :data:`EXPERIM
   task's key metric, :mod:`prefnb.metrics`); ``rows`` picks the runs that are cells;
 - ``caption``: of those tables (they are in the paper's appendix);
 - ``question``: the table the paper's main text shows for it, if any (``rows`` of it, ``cells``,
-  ``metrics``, caption); ``figures``: the names of its figures in :mod:`prefnb.figures`.
+  ``metrics``, caption); ``figures``: the names of its figures in :mod:`prefnb.figures`;
+  ``numbers``: the numbers the paper's text quotes from it (``{{< var <task>.<name> >}}``).
 
 The comparisons between experiments (the effects, the findings) are in :mod:`prefnb.findings`.
 """
@@ -55,6 +56,8 @@ class Experiment:
     rows: Callable[[pd.DataFrame], pd.DataFrame] | None = None
     question: Question | None = None
     figures: tuple[str, ...] = field(default=())
+    # the numbers the paper's text quotes from it: (its runs of one task, the task metric's format) → {name: text}
+    numbers: Callable[[pd.DataFrame, str], dict[str, Any]] | None = None
 
 
 def _scale(value: Any) -> str:
@@ -90,11 +93,39 @@ def _best_beta(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _largest_size(rows: pd.DataFrame) -> pd.DataFrame:
     rows = _preference(rows)
-    return rows[rows["train_size"] == rows.groupby("task")["train_size"].transform("max")]
+    return rows if not len(rows) else rows[rows["train_size"] == rows.groupby("task")["train_size"].transform("max")]
 
 
 def _preference(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows[rows["method"] != "SFT"]  # 04: the stronger reference's SFT runs; 06: none
+    return rows[rows["method"] != "SFT"] if len(rows) else rows  # 04: the stronger reference's SFT runs; 06: none
+
+
+def _beta_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
+    from prefnb.tables import best_cell
+    return {"best_beta": best_cell(_preference(rows), ["reward", "reference_kind", "beta"], fmt)}
+
+
+def _cost_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
+    """LoRA's training wall-clock and peak memory as a multiple of FFT's (all ranks and depths)."""
+    from prefnb.tables import ratio
+    lora, fft = (rows[rows["lora_r"] > 0], rows[rows["lora_r"] == 0]) if len(rows) else (rows, rows)
+    none = pd.Series(dtype=float)
+    return {f"lora_{name}_ratio": ratio(lora.get(col, none), fft.get(col, none))
+            for name, col in (("time", "train/seconds"), ("memory", "peak_memory_mib"))}
+
+
+def _variant_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
+    from prefnb.tables import best_cell
+    return {"best_variant": best_cell(_largest_size(rows), ["objective", "scenario"], fmt)}
+
+
+def _sft_objective_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
+    from prefnb.tables import best_cell, cell_of
+    after = rows[rows["stage"] == "after DPO"] if len(rows) else rows
+    sft = rows[rows["stage"] == "SFT model"] if len(rows) else rows
+    return {"best_sft_objective": best_cell(after, ["sft_objective", "sft_lr_scale"], fmt),
+            "irw_sft": cell_of(sft, IRW), "irw_after_dpo": cell_of(after, IRW),
+            "irw_after_dpo_total": cell_of(after, IRW_TOTAL)}
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -117,17 +148,18 @@ EXPERIMENTS: dict[str, Experiment] = {
         {"strong_reference": _method("SFT"),
          "sweep": lambda run: dict(zip(("method", "reward", "reference_kind"), ("staged", *REWARDS[run["reward"]])))},
         ("reward", "reference_kind", "beta"), ("test_quality", IRW),
-        f"β sweep by reward kind and reference: {_CI}", rows=_preference, figures=("beta",),
+        f"β sweep by reward kind and reference: {_CI}", rows=_preference, figures=("beta",), numbers=_beta_numbers,
         question=Question("reference", ("04_reference_strength",), _best_beta, ("reward", "reference_kind", "beta"),
                           ("test_quality", IRW),
                           "Question 2: each reward and reference at its best β (chosen on the selection split)")),
     "05_lora_vs_fft": Experiment(
         {"depth": _method("SFT")}, ("tuning", "max_steps"),
         ("test_quality", "train/seconds", "train/tokens_per_second", "peak_memory_mib"),
-        f"LoRA vs FFT: quality and cost (training only), {_CI}", figures=("cost",)),
+        f"LoRA vs FFT: quality and cost (training only), {_CI}", figures=("cost",), numbers=_cost_numbers),
     "06_dpo_variants": Experiment(
         {"variants": _variant, "scenarios": _variant}, ("scenario", "objective", "train_size"), ("test_quality", IRW),
         f"Preference objectives × scenario × training-set fraction: {_CI}", figures=("variants", "train_size"),
+        numbers=_variant_numbers,
         question=Question("variants", ("06_dpo_variants",), _largest_size, ("scenario", "objective"),
                           ("test_quality", IRW),
                           "Question 3: each preference objective from each starting point, at the largest training "
@@ -141,7 +173,7 @@ EXPERIMENTS: dict[str, Experiment] = {
              "sft_lr_scale": _scale(run.get("init_from.learning_rate_scale", 1.0))})},
         ("stage", "sft_objective", "sft_lr_scale"), ("test_quality", IRW, IRW_TOTAL),
         f"SFT objective × SFT learning rate: the SFT model and the model after DPO, {_CI}",
-        figures=("sft_objectives",),
+        figures=("sft_objectives",), numbers=_sft_objective_numbers,
         question=Question("sft-objectives", ("07_sft_objectives",), lambda rows: rows[rows["stage"] == "after DPO"],
                           ("sft_objective", "sft_lr_scale"),
                           ("test_quality", IRW, IRW_TOTAL), "Question 4: DPO after each SFT objective and SFT "

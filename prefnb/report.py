@@ -34,11 +34,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from prefnb.experiments import EXPERIMENTS, IRW, IRW_TOTAL, run_labels
+from prefnb.experiments import EXPERIMENTS, run_labels
 from prefnb.findings import findings, findings_markdown, floor, question_table
 from prefnb.rundir import MARKER
 from prefnb.metrics import TASK_METRIC, key_metric, report_twin
-from prefnb.metrics import spec as metric_row
 from prefnb.tables import (EFFECTS, _metric_spec, cell, effects, fmt, markdown_table, not_drawn, operating_points,
                            settings_table, summary_table)
 
@@ -162,40 +161,6 @@ def profile_of(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------
 # numbers quoted in the text
 # ---------------------------------------------------------------------------------------
-def best_cell(df: pd.DataFrame, by: list[str], fmt_spec: str) -> dict[str, str]:
-    """The best cell of a grid, chosen on the SELECTION split and quoted on the REPORT split.
-
-    {"cell": its label, "value": mean ± 95 % t-interval over seeds of ``test_quality`` (what the
-    paper quotes), "selection": mean ``eval_quality`` (what chose it)}; "n/a" where nothing is
-    there. Choosing on the split that is reported would inflate the quoted number."""
-    none = {"cell": "n/a", "value": "n/a", "selection": "n/a"}
-    if df.empty or df["eval_quality"].isna().all():
-        return none
-    means = df.groupby(by, dropna=False)["eval_quality"].mean().dropna()
-    sign = 1 if metric_row(df["selection_metric"].iloc[0]).higher_is_better else -1  # -1: e.g. held-out NLL
-    means = sign * means
-    key = means.idxmax()
-    key = key if isinstance(key, tuple) else (key,)
-    chosen = np.logical_and.reduce([df[col] == k for col, k in zip(by, key)])
-    test = df.loc[chosen, "test_quality"]
-    label = ", ".join(str(k) for k in key)
-    ties = int((means == means.max()).sum()) - 1  # an argmax among equals names one of them: say so
-    if ties:
-        label += f", tied on the selection split with {ties} other cell{'s' if ties > 1 else ''}"
-    return {"cell": label, "value": cell(test, fmt_spec) or "n/a",
-            "selection": fmt(sign * float(means.max()), fmt_spec)}
-
-
-def _ratio(a: pd.Series, b: pd.Series) -> str:
-    a, b = a.dropna(), b.dropna()
-    return fmt(a.mean() / b.mean(), ".2f") + "×" if len(a) and len(b) and b.mean() else "n/a"
-
-
-def _cell_of(rows: pd.DataFrame, metric: str) -> str:
-    """Mean ± 95 % t-interval over seeds of one metric, or "n/a"."""
-    return (cell(rows[metric].astype(float), ".3f") or "n/a") if metric in rows and len(rows) else "n/a"
-
-
 TRAIN_SIZE_DESIGNS = {  # prefnb.grid: train_size_design
     "fixed_epochs": "fixed epochs (the step budget shrinks with the training fraction, at least one step)",
     "fixed_steps": "fixed steps (every training fraction gets the same number of steps)",
@@ -249,31 +214,11 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
     for task in TASK_METRIC:
         spec = _metric_spec("test_quality", task)[1]
         t = df[df["task"] == task] if len(df) else df
-        beta = t[t["experiment"] == "04_reference_strength"] if len(t) else t
-        beta = beta[beta["method"] != "SFT"] if len(beta) else beta
-        var = t[(t["experiment"] == "06_dpo_variants") & (t["method"] != "SFT")] if len(t) else t
-        if len(var):
-            var = var[var["train_size"] == var["train_size"].max()]
-        cost = t[t["experiment"] == "05_lora_vs_fft"] if len(t) else t
-        obj = t[(t["experiment"] == "07_sft_objectives")] if len(t) else t
-        after = obj[obj["stage"] == "after DPO"] if len(obj) else obj
-        sft_models = obj[obj["stage"] == "SFT model"] if len(obj) else obj
-        lora = cost[cost["lora_r"] > 0] if len(cost) else cost
-        fft = cost[cost["lora_r"] == 0] if len(cost) else cost
-        n[task] = {
-            "metric": _metric_spec("test_quality", task)[0],
-            "selection_metric": _metric_spec("eval_quality", task)[0],
-            "best_beta": best_cell(beta, ["reward", "reference_kind", "beta"], spec),
-            "best_variant": best_cell(var, ["objective", "scenario"], spec),
-            "best_sft_objective": best_cell(after, ["sft_objective", "sft_lr_scale"], spec),
-            "lora_time_ratio": _ratio(lora.get("train/seconds", pd.Series(dtype=float)),
-                                      fft.get("train/seconds", pd.Series(dtype=float))),
-            "lora_memory_ratio": _ratio(lora.get("peak_memory_mib", pd.Series(dtype=float)),
-                                        fft.get("peak_memory_mib", pd.Series(dtype=float))),
-            "irw_sft": _cell_of(sft_models, IRW),
-            "irw_after_dpo": _cell_of(after, IRW),
-            "irw_after_dpo_total": _cell_of(after, IRW_TOTAL),
-        }
+        n[task] = {"metric": _metric_spec("test_quality", task)[0],
+                   "selection_metric": _metric_spec("eval_quality", task)[0]}
+        for exp, declared in EXPERIMENTS.items():  # each experiment's own quoted numbers
+            if declared.numbers is not None:
+                n[task].update(declared.numbers(t[t["experiment"] == exp] if len(t) else t, spec))
     return n
 
 

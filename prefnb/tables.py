@@ -75,6 +75,42 @@ def cell(values, spec: str) -> str:
     return f"{fmt(m, spec)} ± {fmt(h, spec)}" if n > 1 else f"{fmt(m, spec)} (1 seed)"
 
 
+def best_cell(df: pd.DataFrame, by: list[str], fmt_spec: str) -> dict[str, str]:
+    """The best cell of a grid, chosen on the SELECTION split and quoted on the REPORT split.
+
+    {"cell": its label, "value": mean ± 95 % t-interval over seeds of ``test_quality`` (what the
+    paper quotes), "selection": mean ``eval_quality`` (what chose it)}; "n/a" where nothing is
+    there. Choosing on the split that is reported would inflate the quoted number."""
+    none = {"cell": "n/a", "value": "n/a", "selection": "n/a"}
+    if df.empty or df["eval_quality"].isna().all():
+        return none
+    means = df.groupby(by, dropna=False)["eval_quality"].mean().dropna()
+    sign = 1 if spec(df["selection_metric"].iloc[0]).higher_is_better else -1  # -1: e.g. held-out NLL
+    means = sign * means
+    key = means.idxmax()
+    key = key if isinstance(key, tuple) else (key,)
+    chosen = np.logical_and.reduce([df[col] == k for col, k in zip(by, key)])
+    test = df.loc[chosen, "test_quality"]
+    label = ", ".join(str(k) for k in key)
+    ties = int((means == means.max()).sum()) - 1  # an argmax among equals names one of them: say so
+    if ties:
+        label += f", tied on the selection split with {ties} other cell{'s' if ties > 1 else ''}"
+    return {"cell": label, "value": cell(test, fmt_spec) or "n/a",
+            "selection": fmt(sign * float(means.max()), fmt_spec)}
+
+
+def ratio(a: pd.Series, b: pd.Series) -> str:
+    """mean(a) / mean(b) as "1.23×", or "n/a"."""
+    a, b = a.dropna(), b.dropna()
+    return fmt(a.mean() / b.mean(), ".2f") + "×" if len(a) and len(b) and b.mean() else "n/a"
+
+
+def cell_of(rows: pd.DataFrame, metric: str) -> str:
+    """Mean ± 95 % t-interval over seeds of one metric, or "n/a"."""
+    return (cell(rows[metric].astype(float), ".3f") or "n/a") if metric in rows and len(rows) else "n/a"
+
+
+
 # ---------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def _table(rows):
 def test_best_cell_is_chosen_on_selection_split_and_quoted_on_report_split():
     """Cell A wins on eval/ (selection) but loses on test/: the paper must name A and quote
     A's test/ mean; an argmax on the reported split would pick B and inflate the number."""
-    from prefnb.report import best_cell
+    from prefnb.tables import best_cell
 
     rows = []
     for seed in (0, 1, 2):
@@ -296,7 +296,8 @@ def test_a_real_model_paper_names_its_profile_model_and_which_weights():
 def test_one_metrics_table_a_jsonl_sft_run_is_selected_and_summed_up_on_its_nll(tmp_path):
     """config.KEY_METRICS said eval/loss for a JSONL SFT run, tables.TASK_METRIC implicit-reward accuracy."""
     from prefnb.metrics import is_better, key_metric, spec
-    from prefnb.report import best_cell, collect_runs
+    from prefnb.report import collect_runs
+    from prefnb.tables import best_cell
 
     run = _write_run(tmp_path, random.Random(2), experiment="08_mine", task="jsonl", data_path="x.jsonl")
     (run / "metrics.json").write_text(json.dumps({"eval/loss": 1.5, "test/loss": 1.7,
