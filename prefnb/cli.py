@@ -1,9 +1,10 @@
-"""`prefnb` command line: study | run | train | params | data | paper | verify.
+"""`prefnb` command line: study | run | train | params | data | paper | verify | publish.
 
 Every command's options are defined here; the work is done by the module named in each
 command's help (study/run: :mod:`prefnb.study`, train: :mod:`prefnb.train`, paper/verify:
-:mod:`prefnb.paper`). Expected errors (bad params, bad data, a model that cannot load) are
-printed as one clear line on stderr with exit status 2, without a traceback.
+:mod:`prefnb.paper`, publish and verify FOLDER: :mod:`prefnb.publish`). Expected errors (bad
+params, bad data, a model that cannot load) are printed as one clear line on stderr with exit
+status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import sys
 
-from prefnb import paper, study
+from prefnb import paper, publish, study
 from prefnb.config import ParamsError, RunParams, describe_params, load_params, parse_override, resolve_params
 from prefnb.project import outputs_dir
 from prefnb.rundir import clear_finished, mark_finished
@@ -192,7 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: Quarto if on PATH, else a pandoc HTML preview")
     p.add_argument("--no-render", action="store_true", help="only build the report and the paper's inputs")
     p.set_defaults(func=paper.cmd_paper)
-    p = sub.add_parser("verify", parents=[common], help="fail if the paper's generated inputs are stale")
+    p = sub.add_parser("verify", parents=[common], help="fail if the paper's generated inputs are stale, or (with "
+                       "FOLDER) if a published folder does not match its manifest and the outputs it came from")
+    p.add_argument("published", nargs="?", default=None, metavar="FOLDER",
+                   help="a published folder (results/PROFILE) to check instead of the paper")
+    p.add_argument("--subset", action="store_true",
+                   help="with FOLDER: the outputs may hold some of the published runs (a partial rerun); their eval/ "
+                        "and test/ metrics must match")
     p.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
                    help="also check the rendered paper (default: paper/_output or paper/_preview index.html): every "
                         "figure and table present, every image decodes and loads in headless Chromium (if installed)")
@@ -200,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check the Typst PDF preview (default: paper/_preview/index.pdf): no text outside the "
                         "text area or running into its neighbour (every table fits and is whole), every citation "
                         "resolved")
-    p.set_defaults(func=paper.cmd_verify)
+    p.set_defaults(func=publish.cmd_verify)
+    p = sub.add_parser("publish", help="write results/PROFILE from a finished study's outputs, and the README's "
+                                       "findings from results/laptop", description=publish.__doc__.splitlines()[0])
+    p.add_argument("profile", metavar="PROFILE", help="the profile whose study the outputs hold (e.g. laptop)")
+    p.add_argument("--outputs", default=None, metavar="DIR", help="outputs folder (default: <project>/outputs)")
+    p.set_defaults(func=publish.cmd_publish)
     return parser
 
 
