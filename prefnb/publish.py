@@ -49,13 +49,13 @@ import socket
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from prefnb import manifest as run_manifest
 from prefnb.project import find_project
 from prefnb.rundir import MARKER, atomic_write_text, now_iso
+
+if TYPE_CHECKING:  # pandas and torch (prefnb.manifest) are imported by the commands that use them, so that
+    import pandas as pd  # the command line starts light (`prefnb study --list` imports neither)
 
 RESULTS = "results"
 MANIFEST = "manifest.json"
@@ -74,6 +74,12 @@ def _user_error(message: str) -> Exception:
     from prefnb.cli import UserError  # here, not at the top: prefnb.cli imports this module
 
     return UserError(message)
+
+
+def _code_version() -> str:
+    from prefnb import manifest
+
+    return manifest.code_version()
 
 
 def sha256(path: Path) -> str:
@@ -140,7 +146,7 @@ def check_publishable(study, outputs: Path) -> list[Path]:
         listed = ", ".join(f"{v} ({n} runs)" for v, n in versions.most_common())
         raise _user_error(f"the {profile} runs were made at {len(versions)} code versions ({listed}): a publication "
                           "names one commit; rerun the study at one commit")
-    here = run_manifest.code_version()
+    here = _code_version()
     if here.endswith("-dirty"):
         raise _user_error(f"the working tree is dirty ({here}): commit first, so that the published folder is made "
                           "by committed code")
@@ -164,7 +170,7 @@ def findings_files(files: dict[str, str]) -> dict[str, str]:
     table = files.get("tables/findings.csv")
     if table is None:  # no findings table in this report: publish its paired effects
         table = _effects_as_findings(files["tables/effects.csv"])
-    rows = pd.read_csv(io.StringIO(table), dtype=str, keep_default_na=False) if table.strip() else pd.DataFrame()
+    rows = _table(table)
     from prefnb.tables import TASK_METRIC
 
     numbers = json.loads(files["numbers.json"])
@@ -177,7 +183,9 @@ def _effects_as_findings(effects_csv: str) -> str:
     """Stand-in for the findings table of a report that has none: the pooled paired effects."""
     if not effects_csv.strip():
         return "question,comparison,task,difference,95% t-interval,seeds,verdict\n"
-    eff = pd.read_csv(io.StringIO(effects_csv), dtype=str, keep_default_na=False)
+    import pandas as pd
+
+    eff = _table(effects_csv)
     eff = eff[eff["runs"] == "pooled"]
     out = pd.DataFrame({"question": "Q1", "comparison": eff["comparison"], "task": eff["task"],
                         "difference": eff["difference"], "95% t-interval": eff["95% t-interval"],
@@ -217,7 +225,7 @@ def commit_of(code_version: str) -> str | None:
     name = described.rsplit("-g", 1)[-1] if "-g" in described else described
     if not name:
         return None
-    root = Path(run_manifest.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent
     out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=root,
                          capture_output=True, text=True)
     return out.stdout.strip() or None
@@ -235,7 +243,7 @@ def study_manifest(study, run_dirs: list[Path], df: pd.DataFrame) -> dict[str, A
     span = ((datetime.fromisoformat(max(finished)) - datetime.fromisoformat(min(started))).total_seconds()
             if started and finished else None)
     hosts = {r.get("host") for r in records}
-    published_with = run_manifest.code_version()
+    published_with = _code_version()
     return {
         "profile": study.profile.stem,
         "code_version": code_version, "commit": commit_of(code_version), "dirty": code_version.endswith("-dirty"),
@@ -359,7 +367,7 @@ def readme_section(results: Path) -> str:
             f"The full grids run on a GPU with {gpu}. `prefnb publish` writes this section from the published "
             "folder; nothing in it is typed by hand.", ""])
     meta = json.loads((folder / MANIFEST).read_text())
-    rows = pd.read_csv(folder / FINDINGS_CSV, dtype=str, keep_default_na=False)
+    rows = _table((folder / FINDINGS_CSV).read_text())
     tasks = sorted(set(rows["task"])) if "task" in rows else []
     metric = "; ".join(f"{t}: `{TASK_METRIC[t]}`" for t in tasks if t in TASK_METRIC) or "none"
     study = meta["study"]
@@ -407,6 +415,9 @@ def readme_problem(readme: Path, results: Path) -> str | None:
 # verify
 # ---------------------------------------------------------------------------------------
 def _table(text: str) -> pd.DataFrame:
+    """A CSV's cells as the text they are (so that comparisons are to the digit)."""
+    import pandas as pd
+
     return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False) if text.strip() else pd.DataFrame()
 
 
@@ -433,7 +444,7 @@ def verify_published(folder: Path, *, outputs: Path | None = None, subset: bool 
     if not meta.get("files"):
         return f"{folder / MANIFEST}: missing or not a publication's manifest", notes
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
-    published = _table((folder / RUNS).read_text()) if (folder / RUNS).is_file() else pd.DataFrame()
+    published = _table((folder / RUNS).read_text() if (folder / RUNS).is_file() else "")
     ids = set(published.get("run_id", []))
 
     outputs = Path(outputs) if outputs else find_project(folder).joinpath("outputs")

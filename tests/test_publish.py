@@ -45,12 +45,30 @@ def _section(readme: Path) -> str:
 def test_readme_findings_are_generated_from_results_laptop():
     """The README's findings section is exactly what results/laptop/ generates (or, while no laptop
     study is published, the generated "not yet published" text, with no number in it)."""
+    from prefnb.publish import verify_published
+
     section = _section(ROOT / "README.md")
     assert section == "\n" + readme_section(ROOT / RESULTS)
-    if not (ROOT / RESULTS / README_PROFILE / MANIFEST).is_file():
+    folder = ROOT / RESULTS / README_PROFILE
+    if not (folder / MANIFEST).is_file():
         assert "No real-model study has been published yet" in section
         prose = section.replace(f"--profile {README_PROFILE}", "").replace("smollm2", "").replace("gpt2", "")
         assert not any(ch.isdigit() for ch in prose), prose
+    else:  # the committed folder is whole: every file as its manifest lists it (no outputs needed)
+        problem, _ = verify_published(folder, outputs=ROOT / "no-outputs-here", readme=ROOT / "README.md")
+        assert problem is None, problem
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    from prefnb.cli import UserError
+    from prefnb.publish import write_readme
+
+    readme = tmp_path / "README.md"
+    for text in ("# x\n", f"# x\n{END}\n{BEGIN}\n", f"# x\n{BEGIN}\n{BEGIN}\n{END}\n"):
+        readme.write_text(text)
+        with pytest.raises(UserError, match="expected one '<!-- findings:begin -->' line followed by one"):
+            write_readme(readme, tmp_path / RESULTS)
+        assert readme.read_text() == text
 
 
 def _train_in_process(run, study, run_dir):
