@@ -167,30 +167,14 @@ def findings_files(files: dict[str, str]) -> dict[str, str]:
     """findings.csv and findings.json from the report's text artifacts (``build_text_artifacts``):
     the paper's ``@tbl-findings`` table as it is, and in the JSON its rows and the numbers the
     paper's text quotes about them (``numbers.json``'s ``findings``)."""
-    table = files.get("tables/findings.csv")
-    if table is None:  # no findings table in this report: publish its paired effects
-        table = _effects_as_findings(files["tables/effects.csv"])
-    rows = _table(table)
     from prefnb.tables import TASK_METRIC
 
+    table = files["tables/findings.csv"]
+    rows = _table(table)
     numbers = json.loads(files["numbers.json"])
     return {FINDINGS_CSV: table,
             FINDINGS_JSON: json.dumps({"rows": rows.to_dict("records"), "numbers": numbers.get("findings", {}),
                                        "metric": TASK_METRIC}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"}
-
-
-def _effects_as_findings(effects_csv: str) -> str:
-    """Stand-in for the findings table of a report that has none: the pooled paired effects."""
-    if not effects_csv.strip():
-        return "question,comparison,task,difference,95% t-interval,seeds,verdict\n"
-    import pandas as pd
-
-    eff = _table(effects_csv)
-    eff = eff[eff["runs"] == "pooled"]
-    out = pd.DataFrame({"question": "Q1", "comparison": eff["comparison"], "task": eff["task"],
-                        "difference": eff["difference"], "95% t-interval": eff["95% t-interval"],
-                        "seeds": eff["seeds"], "verdict": ""})
-    return out.to_csv(index=False, lineterminator="\n")
 
 
 def machine() -> dict[str, Any]:
