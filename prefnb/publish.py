@@ -109,7 +109,6 @@ def check_publishable(study, outputs: Path) -> list[Path]:
     """The run directories to publish: every run of ``study``, finished, made by committed code at
     one code version, and nothing else finished under ``outputs``. Raises a one-line UserError."""
     from prefnb.execute import RECORD, state
-    from prefnb.grid import path_for_notebooks
 
     profile = study.profile.stem
     ids = set(study.by_id)
@@ -124,24 +123,21 @@ def check_publishable(study, outputs: Path) -> list[Path]:
         raise _user_error(f"the {profile} study is incomplete: {len(todo)} of {len(study.runs)} runs not finished "
                           f"under {outputs} (first: {run.experiment}/{run.run_id}, {s}); run `prefnb study --profile "
                           f"{profile}` first{hint}")
-    ours = path_for_notebooks(study.profile, study.project)
-    for run_dir in _run_dirs(outputs):
-        if run_dir.name not in ids:
-            made_by = _read_json(run_dir / RECORD).get("profile")
-            by = f"profile {Path(made_by).stem}" if made_by else "no study (e.g. `prefnb train`)"
-            raise _user_error(f"{run_dir} (made by {by}) is not a run of the {profile} study, and the report reads "
-                              f"every finished run: publish from outputs that hold only this profile's runs "
-                              f"(`prefnb study --profile {profile} --outputs DIR`, then `prefnb publish {profile} "
-                              f"--outputs DIR`)")
+    # A run of this study made under another profile's name has the same resolved params (its id
+    # says so), hence the same numbers: only runs outside the study are refused.
+    for run_dir in (d for d in _run_dirs(outputs) if d.name not in ids):
         made_by = _read_json(run_dir / RECORD).get("profile")
-        if made_by and made_by != ours:
-            raise _user_error(f"{run_dir} was made by profile {made_by}, not {ours}")
+        by = f"profile {Path(made_by).stem}" if made_by else "no study (e.g. `prefnb train`)"
+        raise _user_error(f"{run_dir} (made by {by}) is not a run of the {profile} study, and the report reads "
+                          f"every finished run: publish from outputs that hold only this profile's runs "
+                          f"(`prefnb study --profile {profile} --outputs DIR`, then `prefnb publish {profile} "
+                          f"--outputs DIR`)")
     run_dirs = [study.run_dir(run) for run in study.runs]
-    versions = Counter(_read_json(d / "manifest.json").get("code_version") or "not recorded" for d in run_dirs)
-    dirty = [d for d in run_dirs if str(_read_json(d / "manifest.json").get("code_version", "")).endswith("-dirty")]
+    made_with = {d: str(_read_json(d / "manifest.json").get("code_version") or "not recorded") for d in run_dirs}
+    dirty = [d for d, version in made_with.items() if version.endswith("-dirty")]
     if dirty:
-        raise _user_error(f"{dirty[0]} was made by uncommitted code "
-                          f"({_read_json(dirty[0] / 'manifest.json')['code_version']}): rerun it at a commit")
+        raise _user_error(f"{dirty[0]} was made by uncommitted code ({made_with[dirty[0]]}): rerun it at a commit")
+    versions = Counter(made_with.values())
     if len(versions) > 1:
         listed = ", ".join(f"{v} ({n} runs)" for v, n in versions.most_common())
         raise _user_error(f"the {profile} runs were made at {len(versions)} code versions ({listed}): a publication "
