@@ -163,7 +163,7 @@ def findings_files(files: dict[str, str]) -> dict[str, str]:
     """findings.csv and findings.json from the report's text artifacts (``build_text_artifacts``):
     the paper's ``@tbl-findings`` table as it is, and in the JSON its rows and the numbers the
     paper's text quotes about them (``numbers.json``'s ``findings``)."""
-    from prefnb.tables import TASK_METRIC
+    from prefnb.metrics import TASK_METRIC
 
     table = files["tables/findings.csv"]
     rows = _table(table)
@@ -333,7 +333,8 @@ REPRODUCE = f"prefnb study --profile {README_PROFILE} && prefnb publish {README_
 
 def readme_section(results: Path) -> str:
     """The README's findings section, generated from ``results/laptop/`` (or from its absence)."""
-    from prefnb.tables import SUMMARY, TASK_METRIC
+    from prefnb.experiments import EXPERIMENTS
+    from prefnb.metrics import TASK_METRIC
 
     folder = results / README_PROFILE
     gpu = " or ".join(f"`--profile {p}`" for p in GPU_PROFILES)
@@ -351,7 +352,7 @@ def readme_section(results: Path) -> str:
     tasks = sorted(set(rows["task"])) if "task" in rows else []
     metric = "; ".join(f"{t}: `{TASK_METRIC[t]}`" for t in tasks if t in TASK_METRIC) or "none"
     study = meta["study"]
-    left = [e for e in SUMMARY if e not in study["experiments"]]
+    left = [e for e in EXPERIMENTS if e not in study["experiments"]]
     wall = study.get("wall_clock_seconds")
     lines += [
         f"From `{RESULTS}/{README_PROFILE}/` (the `{meta['profile']}` profile): model(s) "

@@ -215,6 +215,32 @@ def test_publish_writes_the_folder_and_verify_passes(published, capsys):
     assert "all 6 runs of" in out and "match runs.csv cell by cell" in out and "files match" in out
 
 
+def test_readme_section_of_a_published_laptop_folder(published, tmp_path):
+    """Published as results/laptop/, the folder gives the README its findings rows, model, seeds and
+    the experiments left to the GPU profiles; a hand edit of the section is caught."""
+    import pandas as pd
+
+    from prefnb.publish import readme_problem, write_readme
+
+    _, _, folder = published
+    shutil.copytree(folder, tmp_path / RESULTS / README_PROFILE)
+    section = readme_section(tmp_path / RESULTS)
+    rows = pd.read_csv(folder / "findings.csv", dtype=str, keep_default_na=False)
+    assert len(rows) >= 2
+    for row in rows.itertuples(index=False):
+        assert "| " + " | ".join(row) + " |" in section
+    assert "model(s) `tiny`, seeds 0, 1, 6 runs at code version `0.1.0+abc1234`" in section
+    assert "paraphrase: `test/accuracy`" in section and "No real-model study" not in section
+    assert "prefnb study --profile laptop && prefnb publish laptop" in section
+    assert "does not run `00_baselines`, `04_reference_strength`, `05_lora_vs_fft`" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{BEGIN}\n{END}\n")
+    write_readme(readme, tmp_path / RESULTS)
+    assert readme_problem(readme, tmp_path / RESULTS) is None
+    readme.write_text(readme.read_text().replace("seeds 0, 1", "seeds 0, 1, 2"))
+    assert "the findings section differs" in readme_problem(readme, tmp_path / RESULTS)
+
+
 def test_verify_names_the_first_changed_metric(published, capsys):
     project, study, folder = published
     run = study.runs[2]
