@@ -80,26 +80,35 @@ class LineBudget:
         return self.lines_written(input_ids) >= self.lines
 
     @staticmethod
-    def newline_counts_of(tokenizer, device) -> torch.Tensor:
+    def newline_counts_of(tokenizer) -> torch.Tensor:
+        """[V] on CPU: one decode of the whole vocabulary (`precompute.Encoders.newline_counts`
+        keeps it per tokenizer, so a run's evaluations do not repeat it)."""
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        return torch.tensor([text.count("\n") for text in texts], device=device)
+        return torch.tensor([text.count("\n") for text in texts])
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, lines: Sequence[int] | None = None,
-             **settings) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], **settings) -> list[str]:
     """Continuations of ``prompts`` (text after the prompt, up to EOS), greedy or seeded top-p;
     with ``lines``, each exactly that many lines (:class:`LineBudget`; at most ``max_new_tokens``);
     ``settings`` as :func:`generate_with_ends`."""
-    return [text for text, _ in generate_with_ends(model, tokenizer, prompts, lines=lines, **settings)]
+    return [text for text, _ in generate_with_ends(model, tokenizer, prompts, **settings)]
 
 
 @torch.no_grad()
 def generate_with_ends(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, greedy: bool, top_p: float,
                        temperature: float, seed: int, batch_size: int, max_length: int,
-                       device, lines: Sequence[int] | None = None) -> list[tuple[str, bool]]:
+                       device, lines: Sequence[int] | None = None,
+                       newline_counts: torch.Tensor | None = None) -> list[tuple[str, bool]]:
     """(continuation, whether the model emitted EOS) for each prompt: greedy, or top-p sampling
     seeded by ``seed`` (the global RNG is restored after). A continuation without EOS was cut
-    off by ``max_new_tokens``, or (with ``lines``, where no row emits EOS) by its line budget."""
+    off by ``max_new_tokens``, or (with ``lines``, where no row emits EOS) by its line budget;
+    ``newline_counts``: :meth:`LineBudget.newline_counts_of` of ``tokenizer``, if the caller has it."""
+    if lines is not None:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        if newline_counts is None:
+            newline_counts = LineBudget.newline_counts_of(tokenizer)
+        newline_counts = newline_counts.to(device)
     was_training = model.training
     model.eval()
     pad_side = tokenizer.padding_side
@@ -114,9 +123,6 @@ def generate_with_ends(model, tokenizer, prompts: Sequence[str], *, max_new_toke
                             truncation=True, max_length=max(1, max_length - max_new_tokens)).to(device)
             sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_p=top_p, temperature=temperature)
             if lines is not None:
-                from transformers import LogitsProcessorList, StoppingCriteriaList
-
-                newline_counts = newline_counts if start else LineBudget.newline_counts_of(tokenizer, device)
                 budget = LineBudget(newline_counts, torch.tensor(lines[start:start + batch_size], device=device),
                                     enc["input_ids"].shape[1], tokenizer.eos_token_id)
                 sampling.update(logits_processor=LogitsProcessorList([budget]),
@@ -195,7 +201,8 @@ def _sonnets(model, tokenizer, split: HeldOut, params, encoders, device) -> dict
     decode = dict(max_new_tokens=params.max_new_tokens, seed=params.seed, batch_size=params.eval_batch_size,
                   max_length=params.max_length, device=device)
     prompts = [r["prompt"] for r in split.rows]
-    decode["lines"] = [reference_lines(row) for row in split.rows]  # the task fixes the length: LineBudget
+    # The task fixes the length (LineBudget)
+    decode.update(lines=[reference_lines(row) for row in split.rows], newline_counts=encoders.newline_counts)
     continuations = generate(model, tokenizer, prompts, greedy=params.generation == "greedy", top_p=params.top_p,
                              temperature=params.temperature, **decode)
     metrics = sonnet_metrics(continuations, split.rows, split=split.name)

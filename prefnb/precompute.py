@@ -9,6 +9,7 @@ runs of an in-process sweep (`prefnb train --sweep`) tokenise each example once 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -43,6 +44,12 @@ class Encoders:
     def __post_init__(self):
         if self.identity is None:
             self.identity = models.tokenizer_identity(self.tokenizer)
+
+    @functools.cached_property
+    def newline_counts(self) -> torch.Tensor:
+        """[V] newlines per token (`evaluate.LineBudget`): a decode of the whole vocabulary, once
+        per tokenizer rather than once per sonnet evaluation."""
+        return evaluate.LineBudget.newline_counts_of(self.tokenizer)
 
     def one(self, prompt: str, response: str, *, prior: bool = False, eos: bool = True) -> Encoded:
         """``eos=False``: no EOS after this response even where the task adds one (a sampled
