@@ -31,6 +31,7 @@ from prefnb.objectives import REFERENCE_FREE
 
 IRW = "test/implicit_reward_accuracy"             # against the run's own reference
 IRW_TOTAL = "test/implicit_reward_accuracy_total"  # against the base model the chain started from
+FULL_GRID_PROFILES = ("smollm2", "gpt2")  # the profiles that run every experiment (on a GPU)
 SCENARIOS = {"after_sft": "after SFT", "no_sft": "no SFT", "instruct": "instruction-tuned start"}
 _CI = "test split, mean ± 95% t-interval across seeds"
 _TASK_EXTRAS = ("test/f1", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled")

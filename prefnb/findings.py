@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from prefnb import objectives
-from prefnb.experiments import SCENARIOS, Question
+from prefnb.experiments import FULL_GRID_PROFILES, SCENARIOS, Question
 from prefnb.metrics import TASK_METRIC
 from prefnb.tables import (EFFECTS, HEADERS, _effect_rows, _metric_spec, cell, fmt, grid_table, markdown_table,
                            not_drawn, paired_t)
@@ -125,10 +125,11 @@ def _missing(v: Any) -> bool:
 
 
 def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict]:
-    """(the findings table, its numbers for the text: findings.<key>.<task>.{text, verdict, …});
-    ``floors``: :func:`floor`'s."""
+    """(the findings table, its numbers for the text: findings.<key>.<task>.{text, verdict, …},
+    and ``not_made``: [[question, comparison, task]] of the comparisons without paired runs, which
+    :func:`findings_markdown` names under the table); ``floors``: :func:`floor`'s."""
     of = (lambda exp: df[df["experiment"] == exp]) if len(df) else (lambda exp: df)
-    rows, numbers = [], {}
+    rows, numbers = [], {"not_made": []}
 
     def add(question: str, key: str, comparison: str, task: str, stats: tuple) -> None:
         spec = _metric_spec("test_quality", task)[1]
@@ -141,6 +142,8 @@ def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.Data
             if pairs else f"{comparison}: {said}"}
         if pairs:
             rows.append(dict(zip(COLUMNS, [question, comparison, task, fmt(m, spec, True), interval, seeds, said])))
+        else:  # a profile that leaves an experiment out (the laptop's) says so under the table
+            numbers["not_made"].append([question, comparison.split(":")[0], task])
 
     sft = of("01_sft")
     for task in TASK_METRIC:
@@ -177,12 +180,23 @@ def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.Data
     return pd.DataFrame(rows, columns=COLUMNS), numbers
 
 
-def findings_markdown(table: pd.DataFrame) -> str:
+def findings_markdown(table: pd.DataFrame, not_made: list[list[str]] = ()) -> str:
+    """The findings table with its caption; ``not_made`` (:func:`findings`') is named in the caption,
+    so a reduced profile's table says which questions it leaves to the full grids."""
+    gpu = " or ".join(f"`--profile {p}`" for p in FULL_GRID_PROFILES)
+    missing = ""
+    if not_made:
+        by_comparison: dict[tuple[str, str], list[str]] = {}
+        for question, comparison, task in not_made:
+            by_comparison.setdefault((question, comparison), []).append(task)
+        missing = (". Not made from these runs (no paired runs: their experiments were not run, or failed; the "
+                   f"full grids on a GPU, {gpu}, run every experiment): "
+                   + "; ".join(f"{q} {c} ({', '.join(tasks)})" for (q, c), tasks in by_comparison.items()))
     if table.empty:
-        return not_drawn("tbl-findings", "Findings", "No comparison could be made from these outputs.")
+        return not_drawn("tbl-findings", "Findings", "No comparison could be made from these outputs" + missing + ".")
     return (markdown_table(table) + "\n: Findings: each question's comparisons as paired differences in the task's "
             "test metric (accuracy for paraphrase, chrF for sonnets), 95% t-interval over seeds; best cells chosen on "
-            "the selection split {#tbl-findings}\n")
+            f"the selection split{missing} {{#tbl-findings}}\n")
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,7 +63,6 @@ RUNS = "runs.csv"
 FINDINGS_CSV, FINDINGS_JSON = "findings.csv", "findings.json"
 FIGURES, PAPER = "figures", "paper"
 README_PROFILE = "laptop"        # the README's findings are this profile's (a real model on a laptop)
-GPU_PROFILES = ("smollm2", "gpt2")
 BEGIN, END = "<!-- findings:begin -->", "<!-- findings:end -->"
 # Columns of the runs table that say where a file was on the machine that ran it, not what ran.
 LOCAL_COLUMNS = ("output_dir", "data_dir")
@@ -333,11 +332,11 @@ REPRODUCE = f"prefnb study --profile {README_PROFILE} && prefnb publish {README_
 
 def readme_section(results: Path) -> str:
     """The README's findings section, generated from ``results/laptop/`` (or from its absence)."""
-    from prefnb.experiments import EXPERIMENTS
+    from prefnb.experiments import EXPERIMENTS, FULL_GRID_PROFILES
     from prefnb.metrics import TASK_METRIC
 
     folder = results / README_PROFILE
-    gpu = " or ".join(f"`--profile {p}`" for p in GPU_PROFILES)
+    gpu = " or ".join(f"`--profile {p}`" for p in FULL_GRID_PROFILES)
     lines = ["## Findings", ""]
     if not (folder / MANIFEST).is_file():
         return "\n".join(lines + [

@@ -271,7 +271,7 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
         files[f"tables/q-{question.name}.md"] = question_table(df, question, floors)
     found, found_numbers = findings(df, floors)
     files["tables/findings.csv"] = found.to_csv(index=False, lineterminator="\n")
-    files["tables/findings.md"] = findings_markdown(found)
+    files["tables/findings.md"] = findings_markdown(found, found_numbers["not_made"])
     points = operating_points(df)
     files["tables/operating_points.md"] = (markdown_table(points) + "\n: Each preference objective's operating "
                                            "point in these runs (β and its own options, outside the β sweep of "

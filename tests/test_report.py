@@ -273,6 +273,14 @@ def test_floor_is_00_baselines_where_it_ran_else_the_majority_class_of_the_data(
     sft = df["test_quality"]
     assert numbers["sft_vs_majority"]["paraphrase"]["difference"] == f"{sft.mean() - 0.5:+.3f}"
     assert list(table["comparison"]) == ["SFT − majority class"]
+    # what these runs cannot compare is named under the table, not silently dropped
+    assert ["Q1", "staged (SFT→DPO) − SFT", "paraphrase"] in numbers["not_made"]
+    assert ["Q2", "(reward, reference, β)", "sonnets"] in numbers["not_made"]
+    from prefnb.findings import findings_markdown
+
+    caption = findings_markdown(table, numbers["not_made"]).rsplit("\n: ", 1)[1]
+    assert "Not made from these runs" in caption and "Q1 staged (SFT→DPO) − SFT (paraphrase, sonnets)" in caption
+    assert "`--profile gpt2`" in caption and caption.rstrip().endswith("{#tbl-findings}")
     zero = _write_run(tmp_path, rng, experiment="00_baselines", task="paraphrase", seed=0, group="zero_shot",
                       labels={"starting_model": "base"})
     metrics = json.loads((zero / "metrics.json").read_text())
