@@ -47,6 +47,9 @@ TABLE_CAPTION = re.compile(r"^: (?P<caption>.*?)[ \t]*\{#(?P<id>tbl-[\w-]+)\}[ \
 SEC_HEADER = re.compile(r"^#+[ \t]+(?P<title>.*?)[ \t]*\{#(?P<id>sec-[\w-]+)[^}]*\}[ \t]*$", re.M)
 CROSSREF = re.compile(r"@((?:fig|tbl|sec)-[\w-]*\w)")
 REF_DIV = re.compile(r"^:{3,}[ \t]*\{#((?:fig|tbl)-[\w-]+)\}[ \t]*$", re.M)
+DIV_OPEN = re.compile(r"^:{3,}[ \t]*\{(?P<attrs>[^}]*)\}[ \t]*$")
+DIV_CLOSE = re.compile(r"^:{3,}[ \t]*$")
+CONDITION = re.compile(r"\.content-(?P<kind>visible|hidden)\b.*?\bwhen-meta=\"(?P<key>[\w.\-]+)\"")
 
 
 def _user_error(message: str) -> Exception:
@@ -108,7 +111,42 @@ def expand(text: str, paper_dir: Path, variables: dict, problems: list[str], dep
             return f"?{m.group(1)}"
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    return VAR.sub(var, INCLUDE.sub(include, text))
+    text = VAR.sub(var, INCLUDE.sub(include, text))
+    return conditional(text, metadata(paper_dir), problems) if depth == 0 else text
+
+
+def metadata(paper_dir: Path) -> dict:
+    """The document metadata of _quarto.yml's ``metadata-files`` (the generated ``metadata.yml``:
+    which experiments these outputs hold), merged in order as Quarto does."""
+    meta: dict = {}
+    for name in quarto_config(paper_dir).get("metadata-files") or []:
+        path = paper_dir / name
+        meta.update((yaml.safe_load(path.read_text()) or {}) if path.is_file() else {})
+    return meta
+
+
+def conditional(text: str, meta: dict, problems: list[str]) -> str:
+    """Quarto's conditional content on metadata, for the preview and verify: a fenced div
+    ``::: {.content-visible when-meta="key"}`` keeps its lines when ``key`` is true, and
+    ``.content-hidden`` when it is false (quarto.org/docs/authoring/conditional.html). A key that
+    is not in the metadata is noted (Quarto would read it as false, silently)."""
+    out, stack = [], []  # stack: per open div, whether its content is kept (None: not a condition)
+    for line in text.split("\n"):
+        opened, closed = DIV_OPEN.match(line), DIV_CLOSE.match(line)
+        if opened:
+            m = CONDITION.search(opened.group("attrs"))
+            if m:
+                if m.group("key") not in meta:
+                    problems.append(f"missing metadata: {m.group('key')} (a when-meta condition; not in metadata-files)")
+                stack.append(bool(meta.get(m.group("key"))) == (m.group("kind") == "visible"))
+                continue
+            stack.append(None)
+        elif closed and stack:
+            if stack.pop() is not None:
+                continue
+        if all(keep is not False for keep in stack):
+            out.append(line)
+    return "\n".join(out)
 
 
 def referenced_images(text: str) -> list[str]:

@@ -194,6 +194,47 @@ def _design(df: pd.DataFrame) -> dict[str, str]:
             "n_depths": count(of("05_lora_vs_fft"), "max_steps")}
 
 
+Q1_EXPERIMENTS = ("01_sft", "02_dpo", "03_staged")
+
+
+def conditions(df: pd.DataFrame) -> dict[str, bool]:
+    """What these runs hold, as the paper's ``when-meta`` conditions (``_generated/metadata.yml``):
+    a profile that leaves an experiment out (the laptop's) shows one line instead of its section."""
+    ran = set(df["experiment"]) if len(df) else set()
+    q1 = df[df["experiment"].isin(Q1_EXPERIMENTS)] if len(df) else df
+    meta = {f"ran_{exp}": exp in ran for exp in EXPERIMENTS if exp != "00_baselines"}
+    meta.update({f"ran_q1_{task}": bool(len(q1)) and bool((q1["task"] == task).any()) for task in TASK_METRIC})
+    meta["ran_lora_and_fft"] = bool(len(q1)) and bool((q1["lora_r"] > 0).any() and (q1["lora_r"] == 0).any())
+    meta["ran_every_experiment"] = all(meta.values())
+    return meta
+
+
+def _scope(df: pd.DataFrame, design: dict[str, Any], meta: dict[str, bool]) -> tuple[str, str]:
+    """The abstract's sentences on what this version of the study runs, and what it leaves out."""
+    from prefnb.experiments import FULL_GRID_PROFILES
+
+    q1 = df[df["experiment"].isin(Q1_EXPERIMENTS)] if len(df) else df
+    tasks = ", ".join(sorted(q1["task"].unique())) if len(q1) else "none"
+    tuning = ("full fine-tuning and LoRA" if meta["ran_lora_and_fft"] else
+              "LoRA" if len(q1) and (q1["lora_r"] > 0).any() else "full fine-tuning")
+    parts = [f"SFT, DPO alone and staged SFT→DPO on {tasks}, with {tuning}"] if len(q1) else []
+    if meta["ran_04_reference_strength"]:
+        parts.append(f"DPO's sensitivity to β ({design['n_betas']} values) and to its reference")
+    if meta["ran_06_dpo_variants"]:
+        parts.append(f"{design['n_objectives']} preference objectives from {design['n_scenarios']} starting point(s) "
+                     f"and {design['n_train_sizes']} data size(s)")
+    if meta["ran_07_sft_objectives"]:
+        parts.append(f"whether SFT behaves as implicit-reward learning ({design['n_sft_objectives']} SFT "
+                     f"objectives, {design['n_sft_learning_rates']} learning rate(s))")
+    if meta["ran_05_lora_vs_fft"]:
+        parts.append("what LoRA and full fine-tuning cost at matched training depth")
+    said = ("We compare " + "; ".join(parts) + ".") if parts else "No experiment of the study ran in these outputs."
+    left = [f"`{exp}`" for exp in EXPERIMENTS if exp != "00_baselines" and not meta[f"ran_{exp}"]]
+    gpu = " or ".join(f"`--profile {p}`" for p in FULL_GRID_PROFILES)
+    return said, (f"This version does not run {', '.join(left)}: the full grids on a GPU ({gpu}) run every "
+                  "experiment." if left else "This version runs every experiment of the study.")
+
+
 def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
     """Every number the paper's text quotes; each key exists whatever runs there are."""
     profile = profile_of(df) if len(df) else "none"
@@ -211,6 +252,7 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
         "effects": effect_numbers,
         "design": _design(df),
     }
+    n["design"]["scope"], n["design"]["left_out"] = _scope(df, n["design"], conditions(df))
     for task in TASK_METRIC:
         spec = _metric_spec("test_quality", task)[1]
         t = df[df["task"] == task] if len(df) else df
@@ -305,6 +347,7 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     files["numbers.json"] = json.dumps(nums, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     files["_variables.yml"] = yaml.safe_dump(nums, sort_keys=True, allow_unicode=True)
     files["profile.md"] = _profile_block(nums)
+    files["metadata.yml"] = yaml.safe_dump(conditions(df), sort_keys=True)
     return files
 
 

@@ -240,3 +240,54 @@ def test_pdf_preview_fits_every_table_and_resolves_every_citation(study, tmp_pat
     md.write_text(md.read_text() + "\n\n| " + " | ".join(f"column{i}_" + "w" * 12 for i in range(12)) + " |\n|"
                   + "---|" * 12 + "\n| " + " | ".join(["x" * 20] * 12) + " |\n")
     assert any("outside the text area" in p for p in check_pdf(wide, render_pdf(wide, md)))
+
+
+def test_conditional_content_keeps_what_the_metadata_says_as_quarto_does():
+    from prefnb.paper import conditional
+
+    text = "\n".join(["a", '::: {.content-visible when-meta="ran_x"}', "shown", "::: {.callout-note}", "note",
+                      ":::", ":::", '::: {.content-hidden when-meta="ran_x"}', "not run", ":::",
+                      '::: {.content-visible when-meta="ran_y"}', "y", ":::", "b"])
+    problems: list[str] = []
+    assert conditional(text, {"ran_x": True, "ran_y": False}, problems).split("\n") == [
+        "a", "shown", "::: {.callout-note}", "note", ":::", "b"]
+    assert conditional(text, {"ran_x": False, "ran_y": True}, problems).split("\n") == ["a", "not run", "y", "b"]
+    assert problems == []
+    conditional(text, {"ran_x": True}, problems)  # Quarto would read a missing key as false, silently
+    assert problems == ["missing metadata: ran_y (a when-meta condition; not in metadata-files)"]
+
+
+def test_a_reduced_profile_paper_shows_one_line_for_each_experiment_it_leaves_out(tmp_path):
+    """The laptop profile's shape: 01-03 on sonnets with LoRA only. Its paper names what it does
+    not run (abstract, sections, findings caption) instead of sections full of n/a."""
+    import random
+
+    import yaml
+    from test_report import _write_run
+
+    from prefnb.paper import build_paper
+
+    rng, outputs = random.Random(3), tmp_path / "outputs"
+    for seed in (0, 1, 2):
+        sft = _write_run(outputs, rng, experiment="01_sft", task="sonnets", lora_r=16, seed=seed, group="sft")
+        _write_run(outputs, rng, experiment="02_dpo", task="sonnets", lora_r=16, seed=seed, objective="dpo",
+                   group="dpo")
+        _write_run(outputs, rng, experiment="03_staged", task="sonnets", lora_r=16, seed=seed, objective="dpo",
+                   init_from=str(sft), group="staged")
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    for name in ("index.qmd", "_quarto.yml", "references.bib"):
+        shutil.copy(PAPER_SRC / name, paper / name)
+    build_paper(outputs, paper, render_output=False)
+    meta = yaml.safe_load((paper / "_generated" / "metadata.yml").read_text())
+    assert meta["ran_03_staged"] and meta["ran_q1_sonnets"]
+    assert not (meta["ran_04_reference_strength"] or meta["ran_q1_paraphrase"] or meta["ran_lora_and_fft"])
+    text = _expanded_qmd(paper)
+    abstract = text.split("---", 2)[1]
+    assert "We compare SFT, DPO alone and staged SFT→DPO on sonnets, with LoRA." in abstract
+    assert "does not run `04_reference_strength`, `05_lora_vs_fft`, `06_dpo_variants`, `07_sft_objectives`" in abstract
+    assert "`06_dpo_variants` did not run in these outputs" in text and "@fig-variants" not in text
+    assert "n/a" not in text.split("# Discussion")[1].split("# Limitations")[0]
+    assert "On sonnets, in the task metric: staged SFT→DPO minus SFT" in text and "On paraphrase, in" not in text
+    findings = (paper / "_generated" / "tables" / "findings.md").read_text()
+    assert "Not made from these runs" in findings and "Q2 (reward, reference, β) (paraphrase, sonnets)" in findings
