@@ -102,7 +102,7 @@ def draw_methods(data):
                     order=[m for m in METHODS if m in set(data["method"])], **_ci(data),
                     sharey=False, height=3.2, aspect=1.3, capsize=0.1)
     g.set_titles("{col_name}").set_axis_labels("training", "score")
-    return _finish(g, "SFT, DPO alone and staged SFT→DPO, full fine-tuning vs LoRA", data, bars=True)
+    return _finish(g, "SFT, DPO alone and staged SFT→DPO, by fine-tuning", data, bars=True)
 
 
 # --- (b) β sweep ------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def draw_sft_objectives(data):
 FIGURES = [
     Figure("methods", ("01_sft", "02_dpo", "03_staged"),
            "Test-split task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the SFT "
-           "model), with full fine-tuning (FFT) and LoRA.", _methods, draw_methods,
+           "model), one bar per fine-tuning method that ran (full fine-tuning, FFT; LoRA).", _methods, draw_methods,
            "Bar charts, one panel per task metric: the test score of SFT, DPO alone and staged SFT→DPO, one bar per "
            "fine-tuning method, with 95% t-interval error bars over seeds."),
     Figure("beta", ("04_reference_strength",),
