@@ -66,7 +66,8 @@ README_PROFILE = "laptop"        # the README's findings are this profile's (a r
 BEGIN, END = "<!-- findings:begin -->", "<!-- findings:end -->"
 # Columns of the runs table that say where a file was on the machine that ran it, not what ran.
 LOCAL_COLUMNS = ("output_dir", "data_dir")
-METRIC_PREFIXES = ("eval/", "test/")  # what a rerun elsewhere must reproduce (costs vary by machine)
+METRIC_PREFIXES = ("eval/", "test/")  # what a rerun elsewhere must reproduce (costs vary by machine) ...
+TIMING_SUFFIX = "/seconds"            # ... but not the time a split's evaluation took (eval/seconds)
 
 
 def _user_error(message: str) -> Exception:
@@ -440,7 +441,7 @@ def verify_published(folder: Path, *, outputs: Path | None = None, subset: bool 
         if extra:
             return f"{outputs} holds run {extra[0]}, which {folder / RUNS} does not", notes
         if subset:
-            columns = [c for c in published.columns if c.startswith(METRIC_PREFIXES)]
+            columns = [c for c in published.columns if c.startswith(METRIC_PREFIXES) and not c.endswith(TIMING_SUFFIX)]
             mismatch = _first_difference(published[published["run_id"].isin(set(fresh["run_id"]))], fresh,
                                          str(folder / RUNS), columns=columns)
             if mismatch:
