@@ -32,6 +32,8 @@ from prefnb.objectives import REFERENCE_FREE
 IRW = "test/implicit_reward_accuracy"             # against the run's own reference
 IRW_TOTAL = "test/implicit_reward_accuracy_total"  # against the base model the chain started from
 FULL_GRID_PROFILES = ("smollm2", "gpt2")  # the profiles that run every experiment (on a GPU)
+FULL_GRIDS = " or ".join(f"`--profile {p}`" for p in FULL_GRID_PROFILES)  # as the paper and README name them
+Q1_EXPERIMENTS = ("01_sft", "02_dpo", "03_staged")  # question 1: SFT, DPO alone, staged
 SCENARIOS = {"after_sft": "after SFT", "no_sft": "no SFT", "instruct": "instruction-tuned start"}
 _CI = "test split, mean ± 95% t-interval across seeds"
 _TASK_EXTRAS = ("test/f1", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled")
@@ -141,7 +143,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "03_staged": Experiment(
         {"staged": _method("staged")}, ("tuning",), ("test_quality", *_TASK_EXTRAS, IRW, IRW_TOTAL),
         f"Staged SFT→DPO: {_CI}", figures=("methods",),
-        question=Question("methods", ("01_sft", "02_dpo", "03_staged"), None, ("method", "tuning"),
+        question=Question("methods", Q1_EXPERIMENTS, None, ("method", "tuning"),
                           ("test_quality", IRW),
                           "Question 1: SFT, DPO alone and staged SFT→DPO, after the untrained floor (majority "
                           "class, zero-shot starting model)")),

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from prefnb.experiments import IRW, SCENARIOS
+from prefnb.experiments import IRW, Q1_EXPERIMENTS, SCENARIOS
 from prefnb.metrics import TASK_METRIC, spec
 from prefnb.objectives import PREFERENCE_OBJECTIVES, SFT_LOSSES
 from prefnb.tables import t_interval
@@ -92,7 +92,7 @@ def _finish(g, title: str, data: pd.DataFrame, bars: bool = False):
 
 # --- (a) SFT / DPO / staged × FFT / LoRA --------------------------------------------------
 def _methods(df):
-    return _long(_of(df, "01_sft", "02_dpo", "03_staged"),
+    return _long(_of(df, *Q1_EXPERIMENTS),
                  {"paraphrase": ["test/accuracy", "test/f1"], "sonnets": ["test/chrf", "test/chrf_full"]})
 
 
@@ -231,7 +231,7 @@ def draw_sft_objectives(data):
 
 
 FIGURES = [
-    Figure("methods", ("01_sft", "02_dpo", "03_staged"),
+    Figure("methods", Q1_EXPERIMENTS,
            "Test-split task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the SFT "
            "model), one bar per fine-tuning method that ran (full fine-tuning, FFT; LoRA).", _methods, draw_methods,
            "Bar charts, one panel per task metric: the test score of SFT, DPO alone and staged SFT→DPO, one bar per "

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from prefnb import objectives
-from prefnb.experiments import FULL_GRID_PROFILES, SCENARIOS, Question
+from prefnb.experiments import FULL_GRIDS, SCENARIOS, Question
 from prefnb.metrics import TASK_METRIC
 from prefnb.tables import (EFFECTS, HEADERS, _effect_rows, _metric_spec, cell, fmt, grid_table, markdown_table,
                            not_drawn, paired_t)
@@ -183,14 +183,13 @@ def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.Data
 def findings_markdown(table: pd.DataFrame, not_made: list[list[str]] = ()) -> str:
     """The findings table with its caption; ``not_made`` (:func:`findings`') is named in the caption,
     so a reduced profile's table says which questions it leaves to the full grids."""
-    gpu = " or ".join(f"`--profile {p}`" for p in FULL_GRID_PROFILES)
     missing = ""
     if not_made:
         by_comparison: dict[tuple[str, str], list[str]] = {}
         for question, comparison, task in not_made:
             by_comparison.setdefault((question, comparison), []).append(task)
         missing = (". Not made from these runs (no paired runs: their experiments were not run, or failed; the "
-                   f"full grids on a GPU, {gpu}, run every experiment): "
+                   f"full grids on a GPU, {FULL_GRIDS}, run every experiment): "
                    + "; ".join(f"{q} {c} ({', '.join(tasks)})" for (q, c), tasks in by_comparison.items()))
     if table.empty:
         return not_drawn("tbl-findings", "Findings", "No comparison could be made from these outputs" + missing + ".")

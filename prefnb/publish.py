@@ -333,11 +333,11 @@ REPRODUCE = f"prefnb study --profile {README_PROFILE} && prefnb publish {README_
 
 def readme_section(results: Path) -> str:
     """The README's findings section, generated from ``results/laptop/`` (or from its absence)."""
-    from prefnb.experiments import EXPERIMENTS, FULL_GRID_PROFILES
+    from prefnb.experiments import EXPERIMENTS, FULL_GRIDS
     from prefnb.metrics import TASK_METRIC
 
     folder = results / README_PROFILE
-    gpu = " or ".join(f"`--profile {p}`" for p in FULL_GRID_PROFILES)
+    gpu = FULL_GRIDS
     lines = ["## Findings", ""]
     if not (folder / MANIFEST).is_file():
         return "\n".join(lines + [

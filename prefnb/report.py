@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from prefnb.experiments import EXPERIMENTS, run_labels
+from prefnb.experiments import EXPERIMENTS, FULL_GRIDS, Q1_EXPERIMENTS, run_labels
 from prefnb.findings import findings, findings_markdown, floor, question_table
 from prefnb.rundir import MARKER
 from prefnb.metrics import TASK_METRIC, key_metric, report_twin
@@ -194,9 +194,6 @@ def _design(df: pd.DataFrame) -> dict[str, str]:
             "n_depths": count(of("05_lora_vs_fft"), "max_steps")}
 
 
-Q1_EXPERIMENTS = ("01_sft", "02_dpo", "03_staged")
-
-
 def conditions(df: pd.DataFrame) -> dict[str, bool]:
     """What these runs hold, as the paper's ``when-meta`` conditions (``_generated/metadata.yml``):
     a profile that leaves an experiment out (the laptop's) shows one line instead of its section."""
@@ -211,8 +208,6 @@ def conditions(df: pd.DataFrame) -> dict[str, bool]:
 
 def _scope(df: pd.DataFrame, design: dict[str, Any], meta: dict[str, bool]) -> tuple[str, str]:
     """The abstract's sentences on what this version of the study runs, and what it leaves out."""
-    from prefnb.experiments import FULL_GRID_PROFILES
-
     q1 = df[df["experiment"].isin(Q1_EXPERIMENTS)] if len(df) else df
     tasks = ", ".join(sorted(q1["task"].unique())) if len(q1) else "none"
     tuning = ("full fine-tuning and LoRA" if meta["ran_lora_and_fft"] else
@@ -230,8 +225,7 @@ def _scope(df: pd.DataFrame, design: dict[str, Any], meta: dict[str, bool]) -> t
         parts.append("what LoRA and full fine-tuning cost at matched training depth")
     said = ("We compare " + "; ".join(parts) + ".") if parts else "No experiment of the study ran in these outputs."
     left = [f"`{exp}`" for exp in EXPERIMENTS if exp != "00_baselines" and not meta[f"ran_{exp}"]]
-    gpu = " or ".join(f"`--profile {p}`" for p in FULL_GRID_PROFILES)
-    return said, (f"This version does not run {', '.join(left)}: the full grids on a GPU ({gpu}) run every "
+    return said, (f"This version does not run {', '.join(left)}: the full grids on a GPU ({FULL_GRIDS}) run every "
                   "experiment." if left else "This version runs every experiment of the study.")
 
 

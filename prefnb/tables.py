@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from prefnb.experiments import EXPERIMENTS, IRW
+from prefnb.experiments import EXPERIMENTS, IRW, Q1_EXPERIMENTS
 from prefnb.metrics import TASK_METRIC, key_metric, report_twin, spec
 
 # t_{0.975, df} for df = 1..30 (no scipy dependency); 1.96 beyond.
@@ -189,8 +189,8 @@ def grid_table(sub: pd.DataFrame, keys: list[str], metrics: list[str], task: str
 EFFECTS = {  # name: (description, treatment rows, control rows, keys to pair on)
     "staged_vs_sft": ("staged (SFT→DPO) − SFT", ("03_staged", None), ("01_sft", None), ["task", "lora_r", "seed"]),
     "dpo_vs_sft": ("DPO alone − SFT", ("02_dpo", None), ("01_sft", None), ["task", "lora_r", "seed"]),
-    "lora_vs_fft": ("LoRA − FFT (SFT, DPO and staged runs)", (("01_sft", "02_dpo", "03_staged"), "lora"),
-                    (("01_sft", "02_dpo", "03_staged"), "fft"), ["experiment", "task", "seed"]),
+    "lora_vs_fft": ("LoRA − FFT (SFT, DPO and staged runs)", (Q1_EXPERIMENTS, "lora"),
+                    (Q1_EXPERIMENTS, "fft"), ["experiment", "task", "seed"]),
 }
 
 
