@@ -1,12 +1,7 @@
 """Zero-shot baselines (experiment 00): a starting model's metrics untrained, and the majority class.
 
-Every comparison of the study is against these: an SFT or DPO run that does not beat the
-majority class on paraphrase, or its own untrained start on sonnets, has learnt nothing the
-task rewards. The run directory is a training run's without training: ``params.yaml``,
-``metrics.json`` (the same metric names), ``manifest.json`` and an empty ``history.jsonl``.
-
-Not reported: implicit-reward accuracy, which compares a model with its reference; here the
-model is its own reference, so it would be 0 by construction.
+The run directory is a training run's without training (same files, same metric names, empty
+``history.jsonl``). Implicit-reward accuracy is not reported: the model is its own reference.
 """
 
 from __future__ import annotations
@@ -36,20 +31,15 @@ def majority_metrics(task: data_lib.TaskData) -> dict[str, float]:
     for split, rows in (("eval", task.eval_rows), ("test", task.test_rows)):
         labels = [int(r["label"]) for r in rows]
         if labels:
-            predictions = [majority] * len(labels)
-            metrics[f"{split}/majority_accuracy"] = sum(p == y for p, y in zip(predictions, labels)) / len(labels)
-            metrics[f"{split}/majority_f1"] = evaluate.binary_f1(predictions, labels)
+            metrics[f"{split}/majority_accuracy"] = labels.count(majority) / len(labels)
+            metrics[f"{split}/majority_f1"] = evaluate.binary_f1([majority] * len(labels), labels)
     return metrics
 
 
 def zero_shot(params: RunParams) -> dict[str, float]:
     """Evaluate the starting model (``model`` or ``init_from``) as it is, on the selection and
-    the report split; write the run directory.
-
-    Training keys (objective, steps, learning rate) are ignored; data, evaluation and
-    prompt-format keys mean what they mean for a training run. The completion marker is
-    the caller's (the study), as for :func:`prefnb.train.train`.
-    """
+    the report split; write the run directory (the completion marker is the caller's, as for
+    :func:`prefnb.train.train`). Training keys are ignored."""
     started, started_at = time.perf_counter(), now_iso()
     out_dir = params.resolved_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,8 +54,7 @@ def zero_shot(params: RunParams) -> dict[str, float]:
     metrics: dict[str, float] = {}
     no_reference = (torch.zeros(0), torch.zeros(0))
     for name, rows in (("eval", task.eval_rows), ("test", task.test_rows)):
-        # no pairs: there is no reference to rank against (see the module docstring)
-        split = evaluate.HeldOut(name, rows, [], no_reference)
+        split = evaluate.HeldOut(name, rows, [], no_reference)  # no pairs: no reference to rank against
         metrics.update(evaluate.run_evaluation(model, tokenizer, split, params, encoders, device))
     metrics.update(majority_metrics(task))
     _, total = models.count_parameters(model)

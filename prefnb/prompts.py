@@ -1,17 +1,11 @@
-"""Prompt formats: how a task's prompt and response are shown to the model.
+"""Prompt formats (README, ``prompt_format``): ``plain`` leaves a task's rows as they are;
+``chat`` puts the prompt into the tokenizer's chat template as the user turn and the response
+as the assistant turn, its leading whitespace dropped (the template starts the turn on a new
+line); a response ending in EOS (sonnets) ends the turn as the template does (SmolLM2: ``<|im_end|>``).
 
-``plain`` (the default): the prompt text, then the response right after it — a cloze that
-any causal LM continues (" yes"/" no" after "Answer:", the fourth line after three).
-``chat``: the tokenizer's chat template around the prompt as the user turn, the response as
-the assistant turn (its leading whitespace dropped: the template starts the turn on a new
-line). Instruction-tuned models were trained on that layout. A response that ends with EOS
-(sonnets) then ends its turn as the template does, with the tokenizer's EOS (SmolLM2:
-``<|im_end|>``).
-
-Applied once to a run's :class:`~prefnb.data.TaskData`, so training, references, sampling
-and evaluation all see the same text, and every cache key (which hashes the rows) tells the
-formats apart. Each row keeps its plain prompt as ``plain_prompt`` (the whole-sonnet chrF
-scores the plain text), and paraphrase evaluation rows name their ``answers`` ("yes", "no").
+Applied once to a run's :class:`~prefnb.data.TaskData`, so training, references, sampling,
+evaluation and every cache key see the same text. Rows keep their plain prompt as ``plain_prompt``
+(the whole-sonnet chrF scores plain text); paraphrase evaluation rows name their ``answers``.
 """
 
 from __future__ import annotations
@@ -53,11 +47,11 @@ def apply_prompt_format(task, tokenizer, prompt_format: str):
             out["answers"] = [ANSWERS[True].lstrip(), ANSWERS[False].lstrip()]
         return out
 
-    def value(v):
-        if isinstance(v, list) and v and isinstance(v[0], str):  # bare prompts (sonnet test prompts)
+    def rows(v: list):
+        if v and isinstance(v[0], str):  # bare prompts (sonnet test prompts)
             return [chat_prompt(tokenizer, p) for p in v]
-        return [row(r) for r in v] if isinstance(v, list) else v
+        return [row(r) for r in v]
 
-    changes = {f.name: value(getattr(task, f.name)) for f in dataclasses.fields(task)
+    changes = {f.name: rows(getattr(task, f.name)) for f in dataclasses.fields(task)
                if isinstance(getattr(task, f.name), list)}
     return dataclasses.replace(task, **changes)
