@@ -202,7 +202,7 @@ def read_sonnets(path: str | os.PathLike, n_lines: int = 14) -> list[Sonnet]:
         raise DataError(f"{path}: no sonnet found (expected a sonnet number alone on a line)")
     log.debug("%s: skipping a %d-line header", path, i)
     allowed = range(n_lines, n_lines + 1) if n_lines <= PROMPT_LINES else range(n_lines - 2, n_lines + 2)
-    sonnets, seen = [], set()
+    sonnets: dict[int, Sonnet] = {}
     while i < len(lines):
         if not lines[i]:  # blank lines between sonnets
             i += 1
@@ -210,9 +210,8 @@ def read_sonnets(path: str | os.PathLike, n_lines: int = 14) -> list[Sonnet]:
         if not _NUMBER.fullmatch(lines[i]):
             raise DataError(f"{path}:{i + 1}: expected a sonnet number alone on a line, got {lines[i]!r}")
         number, start = int(lines[i]), i + 1
-        if number in seen:
+        if number in sonnets:
             raise DataError(f"{path}:{start}: sonnet {number} appears twice")
-        seen.add(number)
         i += 1
         while i < len(lines) and not lines[i]:  # the blank line after the number
             i += 1
@@ -227,8 +226,8 @@ def read_sonnets(path: str | os.PathLike, n_lines: int = 14) -> list[Sonnet]:
             accepted = f" (accepted: {allowed[0]}-{allowed[-1]})" if len(allowed) > 1 else ""
             raise DataError(f"{path}:{start}: sonnet {number} has {len(body)} lines, "
                             f"expected {n_lines}{accepted}")
-        sonnets.append(Sonnet(number, tuple(body)))
-    return sonnets
+        sonnets[number] = Sonnet(number, tuple(body))
+    return list(sonnets.values())
 
 
 # --- splits, row builders

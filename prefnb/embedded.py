@@ -81,12 +81,9 @@ def cache_root() -> Path:
 
 
 def converted_dir(name: str, session: Session | None = None) -> Path:
-    """A transformers model folder holding preset ``name``, converted from its GGUF on first use.
-
-    The folder is ``<cache_root>/<name>-<sha256[:16]>``: a new package version with other
-    weights gets a new folder, and a finished folder is never rewritten. Written into a
-    temporary folder and renamed, so an interrupted conversion leaves nothing that looks done.
-    """
+    """A transformers model folder ``<cache_root>/<name>-<sha256[:16]>`` (other weights, another
+    folder) holding preset ``name``, converted from its GGUF on first use into a temporary folder
+    then renamed, so that an interrupted conversion leaves nothing that looks done."""
     sha = gguf_sha256(name, session)
     target = cache_root() / f"{name}-{sha[:16]}"
     if (target / RECORD).is_file():
@@ -125,13 +122,11 @@ def _convert(gguf: Path, folder: Path) -> None:
         first_name.setdefault(tensor.data_ptr(), (key, tensor))
     save_file({key: tensor.contiguous() for key, tensor in first_name.values()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
-    config = model.config
-    # The folder holds plain float32 weights: a GGUF quantisation record would make transformers
-    # look for the GGUF again. No pad id, as in GPT-2's config: with one, transformers reads every
-    # batch to warn about unmasked padding; the tokenizer keeps its pad token (= EOS) for generate().
+    # Plain float32 weights: a GGUF quantisation record would make transformers look for the GGUF
+    # again. No pad id, for the reason in `models.build_tiny`; the tokenizer keeps its pad token (= EOS).
     for attribute in ("quantization_config", "pad_token_id"):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
-    config.save_pretrained(folder)
+        if hasattr(model.config, attribute):
+            delattr(model.config, attribute)
+    model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,8 +18,6 @@ from torch import nn
 from prefnb import embedded
 from prefnb.cache import file_version
 from prefnb.session import Session
-
-log = logging.getLogger(__name__)
 
 TINY = "tiny"
 # The `tiny` preset: GPT-2's architecture at toy size, so tests and the smoke profile run on
