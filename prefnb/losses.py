@@ -1,9 +1,5 @@
-"""Pure loss functions of log-probabilities (contract 1 of DESIGN.md).
-
-Nothing here sees a model, a tokenizer or a config: SFT losses take the log-probability
-of each target token, preference losses take one summed log-probability per response.
-That keeps every objective testable against closed forms and against TRL on the same
-numbers (tests/test_losses*.py).
+"""Pure loss functions of log-probabilities (contract 1 of DESIGN.md): SFT losses take the
+log-probability of each target token, preference losses one summed log-probability per response.
 
 Notation: for a pair (x, y_w, y_l), π = the policy, π_ref = the reference, and
     h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
@@ -23,29 +19,15 @@ from prefnb import objectives
 
 Tensor = torch.Tensor
 
-# ---------------------------------------------------------------------------------------
-# SFT: f-divergence token losses
-# ---------------------------------------------------------------------------------------
+# --- SFT: f-divergence token losses
 # The χ² loss 1/q − 1 overflows float32 once q < e^-88; clamping log q at this floor keeps
 # the loss and its gradient finite for any input (the gradient is zero below the floor,
 # which a model of sane initialisation never reaches).
 LOG_Q_FLOOR = -60.0
 
 
-def _kl(lp: Tensor) -> Tensor:
-    return -lp
-
-
-def _tv(lp: Tensor) -> Tensor:
-    return -torch.expm1(lp)  # 1 − q, exact near q = 1
-
-
-def _chi2(lp: Tensor) -> Tensor:
-    return torch.expm1(-lp.clamp(min=LOG_Q_FLOOR))  # 1/q − 1
-
-
-def _hellinger(lp: Tensor) -> Tensor:
-    return -2.0 * torch.expm1(0.5 * lp)  # 2 − 2√q
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _js(lp: Tensor) -> Tensor:
@@ -55,10 +37,10 @@ def _js(lp: Tensor) -> Tensor:
 
 
 TOKEN_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
-    "kl": _kl,
-    "tv": _tv,
-    "chi2": _chi2,
-    "hellinger": _hellinger,
+    "kl": lambda lp: -lp,
+    "tv": lambda lp: -torch.expm1(lp),  # 1 − q, exact near q = 1
+    "chi2": lambda lp: torch.expm1(-lp.clamp(min=LOG_Q_FLOOR)),  # 1/q − 1
+    "hellinger": lambda lp: -2.0 * torch.expm1(0.5 * lp),  # 2 − 2√q
     "js": _js,
 }
 
@@ -84,37 +66,22 @@ def token_loss(kind: str, target_logps: Tensor) -> Tensor:
     and js give vanishing gradients to tokens the model finds very unlikely (robust to
     noisy targets), χ² gives them larger ones.
 
-    Args:
-        kind: one of ``TOKEN_LOSSES``.
-        target_logps: log q for each target token, any shape (typically [n_tokens]).
-    Returns:
-        The loss per token, same shape as ``target_logps``, in float32 or wider.
+    target_logps: log q for each target token, any shape (typically [n_tokens]) → the loss per
+    token, same shape, in float32 or wider (exp/log1p of half precision loses the small-q tail).
     """
     try:
         fn = TOKEN_LOSSES[kind]
     except KeyError:
         raise ValueError(f"unknown token loss '{kind}'; choose from {sorted(TOKEN_LOSSES)}") from None
-    if target_logps.dtype in (torch.float16, torch.bfloat16):
-        target_logps = target_logps.float()  # exp/log1p of half precision loses the small-q tail
-    return fn(target_logps)
+    return fn(_at_least_float32(target_logps))
 
 
-# ---------------------------------------------------------------------------------------
-# Preference losses: each returns (losses [B], chosen_rewards [B], rejected_rewards [B])
-# ---------------------------------------------------------------------------------------
-def _logratios(pc, pr, rc, rr):
-    return pc - rc, pr - rr
-
-
+# --- Preference losses: each returns (losses [B], chosen_rewards [B], rejected_rewards [B])
 def _per_token(logps: Tensor, lengths: Tensor | None, kind: str) -> Tensor:
     """Length-normalised log-prob: summed log-prob / number of response tokens."""
     if lengths is None:
         raise ValueError(f"preference loss '{kind}' is length-normalised: pass chosen_lengths and rejected_lengths")
     return logps / lengths.to(logps.dtype).clamp(min=1.0)
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -133,38 +100,33 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 def dpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
     """DPO, Rafailov et al. 2023, Eq. 7: −log σ(β h). Shapes: all [B]."""
-    chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
+    chosen_lr, rejected_lr = pc - rc, pr - rr
     losses = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
 
 
 def cdpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, label_smoothing):
-    """Conservative DPO (Mitchell 2023): labels flipped with probability ε.
-
-    −(1−ε) log σ(β h) − ε log σ(−β h): a biased but bounded-gradient estimate.
-    """
-    chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
+    """Conservative DPO (Mitchell 2023), labels flipped with probability ε:
+    −(1−ε) log σ(β h) − ε log σ(−β h), a biased but bounded-gradient estimate."""
+    chosen_lr, rejected_lr = pc - rc, pr - rr
     logits = beta * (chosen_lr - rejected_lr)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
 
 
 def robust(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, label_smoothing):
-    """Robust DPO (Chowdhury et al. 2024, Eq. 8): the unbiased de-noised loss for flip rate ε.
-
-    [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε).
-    """
-    chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
+    """Robust DPO (Chowdhury et al. 2024, Eq. 8), the unbiased de-noised loss for flip rate ε:
+    [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε)."""
+    chosen_lr, rejected_lr = pc - rc, pr - rr
     logits = beta * (chosen_lr - rejected_lr)
     losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (
-        1 - 2 * label_smoothing
-    )
+        1 - 2 * label_smoothing)
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
 
 
 def ipo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
     """IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios, as TRL does: (h̄ − 1/(2β))²."""
-    chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
+    chosen_lr, rejected_lr = pc - rc, pr - rr
     h_mean = _per_token(chosen_lr, chosen_lengths, "ipo") - _per_token(rejected_lr, rejected_lengths, "ipo")
     losses = (h_mean - 1.0 / (2.0 * beta)) ** 2
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
@@ -172,16 +134,14 @@ def ipo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
 
 def hinge(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
     """SLiC-style hinge on the DPO margin (Zhao et al. 2023): max(0, 1 − β h)."""
-    chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
+    chosen_lr, rejected_lr = pc - rc, pr - rr
     losses = torch.relu(1 - beta * (chosen_lr - rejected_lr))
     return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
 
 
 def simpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, simpo_gamma):
     """SimPO (Meng et al. 2024, Eq. 6): −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ).
-
-    Reference-free: the reward is the length-normalised policy log-prob; rc, rr are ignored.
-    """
+    Reference-free: the reward is the length-normalised policy log-prob; rc, rr are ignored."""
     chosen = _per_token(pc, chosen_lengths, "simpo")
     rejected = _per_token(pr, rejected_lengths, "simpo")
     losses = -F.logsigmoid(beta * (chosen - rejected) - simpo_gamma)
@@ -192,7 +152,6 @@ def cpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, cpo
     """CPO (Xu et al. 2024, Eq. 3 + the NLL regulariser of Eq. 4), reference-free.
 
     −log σ(β[log π(y_w) − log π(y_l)]) + α · NLL(y_w), NLL per token of the chosen response.
-
     Differs from TRL by design in one point: TRL's NLL is the token mean over all chosen
     tokens of the batch, ours the per-token NLL of each pair (so the batch mean weighs
     every pair equally, like the preference term). They agree when the chosen responses of
@@ -208,12 +167,10 @@ def orpo(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None):
     """ORPO (Hong et al. 2024, Eqs. 4–7), reference-free: NLL(y_w) − β log σ(log odds ratio).
 
     odds(y) = P(y)/(1 − P(y)) with P(y) the per-token-averaged probability exp(log π(y)/|y|).
-
     Differs from TRL by design in the NLL term: TRL's runs over the prompt and the response
     and is a token mean over the batch; ours is the per-token NLL of the chosen response
     only (the prompt is not trained on, as in our SFT and CPO), per pair. The odds-ratio
-    term equals TRL's. TRL computes it in float32; we keep float64 inputs in float64.
-    """
+    term equals TRL's."""
     # log1mexp loses the P → 1 tail in half precision, so compute in float32 at least (TRL
     # always casts to float32; float64 inputs stay float64 here, so tests can compare to 1e-6).
     chosen = _at_least_float32(_per_token(pc, chosen_lengths, "orpo"))
@@ -228,14 +185,13 @@ def kto(pc, pr, rc, rr, *, beta, chosen_lengths=None, rejected_lengths=None, kl=
     """KTO (Ethayarajh et al. 2024, Eq. 7) on paired data: y_w desirable, y_l undesirable.
 
     L = ½[λ_D (1 − σ(β(r_w − z₀))) + λ_U (1 − σ(β(z₀ − r_l)))], r = log π − log π_ref.
-    z₀ ≈ KL(π ‖ π_ref) is not back-propagated through. Pass ``kl`` (a scalar): the authors'
-    estimate is :func:`kto_reference_point` of mismatched pairs (what training does by
-    default, ``kto_reference_point: mismatched``). Without it, z₀ is the in-batch estimate:
-    the batch mean of all 2B matched log-ratios, clamped at 0 (``kto_reference_point: batch``).
-    The ½ makes the mean over pairs equal TRL's mean over its 2B unpaired examples. A ``kl``
-    passed in is used as given.
+    z₀ ≈ KL(π ‖ π_ref), not back-propagated through, is ``kl`` (a scalar, used as given): the
+    authors' estimate is :func:`kto_reference_point` of mismatched pairs (training's default,
+    ``kto_reference_point: mismatched``). Without it, z₀ is the in-batch estimate: the mean of
+    all 2B matched log-ratios, clamped at 0 (``kto_reference_point: batch``). The ½ makes the
+    mean over pairs equal TRL's mean over its 2B unpaired examples.
     """
-    chosen_lr, rejected_lr = _logratios(pc, pr, rc, rr)
+    chosen_lr, rejected_lr = pc - rc, pr - rr
     if kl is None:
         kl = torch.cat([chosen_lr, rejected_lr]).mean().clamp(min=0)
     kl = torch.as_tensor(kl, dtype=chosen_lr.dtype, device=chosen_lr.device).detach()
@@ -284,13 +240,11 @@ def preference_loss(kind, policy_chosen_logps, policy_rejected_logps, ref_chosen
     Args:
         kind: a key of ``PREFERENCE_LOSSES`` (a preference objective of `prefnb.objectives`).
         policy_chosen_logps, policy_rejected_logps: [B] summed log π(y|x) of each response.
-        ref_chosen_logps, ref_rejected_logps: [B] the same under the reference (zeros for a
-            reference-free "probability reward"; log π_ref(y) without the prompt for the
-            "likelihood reward with the prior" — see DESIGN.md contract 1).
+        ref_chosen_logps, ref_rejected_logps: [B] the same under the reference (zeros, or the
+            prior log π_ref(y) without the prompt: DESIGN.md contract 1).
         beta: inverse temperature β (> 0).
         chosen_lengths, rejected_lengths: [B] response token counts (length-normalised kinds).
-        options: kind-specific options, see ``loss_options(kind)``; those not given take the
-            documented defaults of `prefnb.objectives`.
+        options: ``loss_options(kind)``; those not given take the defaults of `prefnb.objectives`.
     Returns:
         (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are detached.
     """
