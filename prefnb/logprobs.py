@@ -1,13 +1,10 @@
-"""Tokenising (prompt, response) pairs and scoring responses: memory-lean log-probs.
+"""Tokenising (prompt, response) pairs and scoring log π(y_t | x, y_<t) at response tokens only.
 
-Every objective needs log π(y_t | x, y_<t) at the response tokens only. Sequences are
-right-padded and run without an attention mask: under causal attention no real token ever
-sees the padding after it, so the log-probs are exact and attention takes its causal kernel
-(block skipping on CPU, FlashAttention on CUDA) instead of a masked one. The model is run
-for its hidden states, and the LM head is applied only at
-the positions that predict a response token — never a full [batch, length, vocab] logits
-tensor, and nothing on the prompt. A preference pair whose two responses share a prompt
-can be scored in one row, the prompt run once (:func:`collate_pairs`).
+Sequences are right-padded and run without an attention mask: under causal attention no real
+token sees the padding after it, so the log-probs are exact and attention takes its causal
+kernel (block skipping on CPU, FlashAttention on CUDA) instead of a masked one. The LM head is
+applied only at the positions that predict a response token: never a [batch, length, vocab]
+logits tensor. A pair whose responses share a prompt can be one row (:func:`collate_pairs`).
 """
 
 from __future__ import annotations
@@ -58,31 +55,24 @@ def start_token_id(tokenizer) -> int:
 def collate(items: Sequence[Encoded], pad_id: int, device=None) -> dict[str, Tensor]:
     """Right-pad a batch of S sequences into [S, L] rows (``pad_id``: the tokenizer's pad id).
 
-    Returns input_ids, position_ids [S, L] (0, 1, … on every row), no attention mask (see
-    the module docstring: padding only ever follows a sequence's real tokens), and the
-    response tokens as flat indices (see :func:`_with_targets`).
+    Returns input_ids, position_ids [S, L] (0, 1, … on every row), no attention mask, and the
+    response tokens (:func:`_with_targets`).
     """
     length = max(len(e.ids) for e in items)
-    batch = len(items)
     # No real token reads the padding, so any id will do; not the pad id itself, which without
     # a mask makes transformers warn that padding might be attended to.
-    filler = 1 if pad_id == 0 else 0
-    input_ids = torch.full((batch, length), filler, dtype=torch.long)
-    targets, predictors, sequences = [], [], []
+    input_ids = torch.full((len(items), length), 1 if pad_id == 0 else 0, dtype=torch.long)
+    targets = []
     for i, e in enumerate(items):
-        n = len(e.ids)
-        input_ids[i, :n] = torch.tensor(e.ids)
-        # The token at column t is predicted by the hidden state at column t - 1.
-        first = i * length + n - e.n_response
+        input_ids[i, :len(e.ids)] = torch.tensor(e.ids)
+        first = i * length + len(e.ids) - e.n_response
         targets.append(torch.arange(first, first + e.n_response))
-        predictors.append(targets[-1] - 1)
-        sequences.append(torch.full((e.n_response,), i))
     # Positions keep counting through the padding, so transformers sees one ordinary causal
     # sequence per row (restarting positions would read as packed sequences and bring a mask back).
-    position_ids = torch.arange(length).expand(batch, length).contiguous()
-    out = _with_targets(dict(input_ids=input_ids, position_ids=position_ids), targets, predictors, sequences,
-                        [e.n_response for e in items], sum(len(e.ids) for e in items))
-    return to_device(out, device) if device is not None else out
+    position_ids = torch.arange(length).expand(len(items), length).contiguous()
+    # The token at column t is predicted by the hidden state at column t - 1.
+    return _with_targets(dict(input_ids=input_ids, position_ids=position_ids), items, targets,
+                         [t - 1 for t in targets], device)
 
 
 def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int, device=None, *,
@@ -105,7 +95,7 @@ def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id
     # Boolean [B, 1, L, L], True = may attend; handed to the model as is (a prepared 4-D mask).
     allowed = torch.zeros((pairs, 1, length, length), dtype=torch.bool)
     causal = torch.ones((length, length), dtype=torch.bool).tril()
-    targets, predictors, sequences = ([None] * (2 * pairs) for _ in range(3))
+    targets, predictors = [None] * (2 * pairs), [None] * (2 * pairs)
     for i, (c, r) in enumerate(zip(chosen, rejected)):
         n_prompt, n_c, n_r = len(c.ids) - c.n_response, c.n_response, r.n_response
         start = length - (n_prompt + n_c + n_r)
@@ -121,22 +111,16 @@ def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id
         predictors[i] = targets[i] - 1
         # The first rejected token is predicted from the prompt's last position, like the first chosen one.
         predictors[pairs + i] = torch.cat([targets[i][:1] - 1, targets[pairs + i][:-1]])
-        sequences[i], sequences[pairs + i] = torch.full((n_c,), i), torch.full((n_r,), pairs + i)
     idx = torch.arange(length)
     allowed[:, 0, idx, idx] = True  # padding rows attend to themselves (no all-masked row, no NaN)
-    out = _with_targets(dict(input_ids=input_ids, attention_mask=allowed, position_ids=position_ids), targets,
-                        predictors, sequences, [c.n_response for c in chosen] + [r.n_response for r in rejected],
-                        sum(len(e.ids) for e in (*chosen, *rejected)))
-    return to_device(out, device) if device is not None else out
+    return _with_targets(dict(input_ids=input_ids, attention_mask=allowed, position_ids=position_ids),
+                         [*chosen, *rejected], targets, predictors, device)
 
 
 def to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
-    """Move a collated batch to ``device`` without waiting for it.
-
-    On CUDA a copy from ordinary (pageable) host memory synchronises the stream: the host
-    would wait for the GPU to finish every queued kernel at each step. From pinned memory
-    with ``non_blocking`` the copy is queued like a kernel and the host runs ahead.
-    """
+    """Move a collated batch to ``device`` without waiting for it: on CUDA a copy from ordinary
+    (pageable) host memory synchronises the stream, so the host would wait for every queued
+    kernel at each step; from pinned memory with ``non_blocking`` it is queued like a kernel."""
     device = torch.device(device)
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
@@ -150,45 +134,41 @@ def shared_prompt_pays(chosen: Sequence[Encoded], rejected: Sequence[Encoded], h
     differ). A padded row of length L costs about L·(6d + a·L) in a transformer of width d
     (linear layers 24·d² per token, attention 4·d per query–key pair, per layer; a = 1/2 for
     the two-row layout's unmasked causal rows, 1 for shared rows, whose 4-D mask makes the
-    kernel compute every pair): sharing removes the duplicate prompt but makes rows longer, so it pays for long prompts with
-    short responses (paraphrase) and not for short prompts with long responses (byte-level
-    sonnets on a narrow model).
+    kernel compute every pair): sharing removes the duplicate prompt but makes rows longer,
+    so it pays for long prompts with short responses (paraphrase) and not for short prompts
+    with long responses (byte-level sonnets on a narrow model).
     """
-    for c, r in zip(chosen, rejected):
-        if c.ids[: len(c.ids) - c.n_response] != r.ids[: len(r.ids) - r.n_response]:
-            return False
+    if any(c.ids[:len(c.ids) - c.n_response] != r.ids[:len(r.ids) - r.n_response] for c, r in zip(chosen, rejected)):
+        return False
     separate = max(max(len(c.ids), len(r.ids)) for c, r in zip(chosen, rejected))
     shared = max(len(c.ids) + r.n_response for c, r in zip(chosen, rejected))
     d = hidden_size
     return len(chosen) * shared * (6 * d + shared) < 2 * len(chosen) * separate * (6 * d + separate / 2)
 
 
-def _with_targets(batch: dict[str, Tensor], targets: list[Tensor], predictors: list[Tensor],
-                  sequences: list[Tensor], response_lengths: list[int], n_tokens: int) -> dict[str, Tensor]:
-    """Add the scored tokens to a batch. Inputs are per sequence, as flat indices into the
-    [rows · L] positions. Adds, for each of the N response tokens: ``predictor`` (where the
-    hidden state that predicts it is), ``target`` (its token id) and ``sequence`` (which of
-    the S scored sequences it belongs to); ``response_lengths`` [S]; and ``n_tokens``, the
-    prompt + response tokens of the S sequences (a shared prompt counted per sequence, so
-    tokens/s measures the same work whichever layout is used)."""
-    def cat(parts: list[Tensor]) -> Tensor:
-        return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
+def _with_targets(batch: dict[str, Tensor], items: Sequence[Encoded], targets: list[Tensor],
+                  predictors: list[Tensor], device) -> dict[str, Tensor]:
+    """Add the scored tokens of the S sequences ``items`` to a batch, on ``device`` (None: stay).
 
-    batch.update(predictor=cat(predictors), target=batch["input_ids"].reshape(-1)[cat(targets)],
-                 sequence=cat(sequences), response_lengths=torch.tensor(response_lengths, dtype=torch.float32),
-                 n_tokens=torch.tensor(n_tokens))
-    return batch
+    ``targets`` and ``predictors`` are per sequence, as flat indices into the [rows · L]
+    positions. Adds, for each of the N response tokens: ``predictor`` (where the hidden state
+    that predicts it is), ``target`` (its token id) and ``sequence`` (which sequence it belongs
+    to); ``response_lengths`` [S]; and ``n_tokens``, the prompt + response tokens of the S
+    sequences (a shared prompt counted per sequence, so tokens/s measures the same work
+    whichever layout is used)."""
+    batch.update(predictor=torch.cat(predictors), target=batch["input_ids"].reshape(-1)[torch.cat(targets)],
+                 sequence=torch.cat([torch.full((len(t),), s) for s, t in enumerate(targets)]),
+                 response_lengths=torch.tensor([e.n_response for e in items], dtype=torch.float32),
+                 n_tokens=torch.tensor(sum(len(e.ids) for e in items)))
+    return to_device(batch, device) if device is not None else batch
 
 
 def response_token_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Log-probs of every response token.
+    """Log-probs of every response token under ``model`` (a causal LM, transformers or peft).
 
-    Args:
-        model: a causal LM (transformers or peft-wrapped).
-        batch: from :func:`collate` or :func:`collate_pairs`; input_ids etc. [rows, L].
-    Returns:
-        (token_logps [N] float32, sequence [N] long): N = number of response tokens in the
-        batch, sequence = which scored sequence each token belongs to.
+    ``batch``: from :func:`collate` or :func:`collate_pairs`, input_ids etc. [rows, L]. Returns
+    (token_logps [N] float32, sequence [N] long) for the N response tokens of the batch,
+    sequence = which scored sequence each token belongs to.
     """
     states = predictor_states(model, batch)  # [N, d]
     targets = batch["target"]  # [N]
@@ -216,7 +196,7 @@ def sequence_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(summed log π(y|x) [S] float32, response lengths [S] float32) of the S scored sequences."""
     token_logps, sequence = response_token_logps(model, batch)
     lengths = batch["response_lengths"]
-    sums = torch.zeros(lengths.shape[0], dtype=torch.float32, device=token_logps.device).index_add(0, sequence, token_logps)
+    sums = torch.zeros(len(lengths), dtype=torch.float32, device=token_logps.device).index_add(0, sequence, token_logps)
     return sums, lengths
 
 
@@ -227,19 +207,18 @@ def score_all(model, items: Sequence[Encoded], *, pad_id: int, batch_size: int, 
     Where every response is one token and prompts repeat (paraphrase: " yes" and " no" after
     each prompt), each distinct prompt is run once (:func:`_score_single_tokens`).
     """
-    if items and all(e.n_response == 1 for e in items) and len({e.ids[:-1] for e in items}) < len(items):
-        return _score_single_tokens(model, items, pad_id=pad_id, batch_size=batch_size, device=device)
     was_training = model.training
     model.eval()
-    out = []
-    # Sorting by length wastes less compute on padding; results are put back in order.
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        logps, _ = sequence_logps(model, collate([items[i] for i in idx], pad_id, device))
-        out.append(logps)
+    if items and all(e.n_response == 1 for e in items) and len({e.ids[:-1] for e in items}) < len(items):
+        scores = _score_single_tokens(model, items, pad_id=pad_id, batch_size=batch_size, device=device)
+    else:
+        # Sorting by length wastes less compute on padding; results are put back in order.
+        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        scores = _in_original_order([sequence_logps(model, collate([items[i] for i in idx], pad_id, device))[0]
+                                     for idx in batches], order)
     model.train(was_training)
-    return _in_original_order(out, order)
+    return scores
 
 
 @torch.no_grad()
@@ -258,16 +237,11 @@ def score_pairs(model, chosen: Sequence[Encoded], rejected: Sequence[Encoded], *
     hidden_size = getattr(model.config, "hidden_size", None)
     order = sorted(range(len(chosen)), key=lambda i: max(len(chosen[i].ids), len(rejected[i].ids)))
     step = max(1, batch_size // 2)
-    out_chosen, out_rejected = [], []
-    for start in range(0, len(order), step):
-        idx = order[start:start + step]
-        logps, _ = sequence_logps(model, collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id,
-                                                       device, hidden_size=hidden_size))
-        c, r = logps.chunk(2)
-        out_chosen.append(c)
-        out_rejected.append(r)
+    batches = [order[start:start + step] for start in range(0, len(order), step)]
+    parts = [sequence_logps(model, collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, device,
+                                                 hidden_size=hidden_size))[0].chunk(2) for idx in batches]
     model.train(was_training)
-    return _in_original_order(out_chosen, order), _in_original_order(out_rejected, order)
+    return _in_original_order([c for c, _ in parts], order), _in_original_order([r for _, r in parts], order)
 
 
 def _score_single_tokens(model, items: Sequence[Encoded], *, pad_id: int, batch_size: int, device) -> Tensor:
@@ -277,8 +251,6 @@ def _score_single_tokens(model, items: Sequence[Encoded], *, pad_id: int, batch_
     forward of the prompt instead of K forwards of prompt + answer (paraphrase: half the
     work). Equal to :func:`score_all`'s general path up to float rounding.
     """
-    was_training = model.training
-    model.eval()
     # Each distinct prompt with one of its answers as the response: the predictor is the
     # prompt's last position, whose distribution over the vocabulary scores all its answers.
     answered_by: dict[tuple[int, ...], list[int]] = {}
@@ -294,7 +266,6 @@ def _score_single_tokens(model, items: Sequence[Encoded], *, pad_id: int, batch_
         rows = torch.tensor([k for k, g in enumerate(chunk) for _ in g], device=logps.device)
         answers = torch.tensor([items[i].ids[-1] for g in chunk for i in g], device=logps.device)
         scores[[i for g in chunk for i in g]] = logps[rows, answers].cpu()
-    model.train(was_training)
     return scores
 
 
