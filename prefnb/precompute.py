@@ -1,10 +1,7 @@
-"""What runs once before training, computed once and cached: each example's tokens
-(`Encoders`), the reference log-probs (of the held-out pairs, and of every training batch
-exactly as the loop will score it), and on-policy rejected samples.
-
-Cached on disk by what they depend on, not by run (contract 6 of DESIGN.md), so a β sweep or
-the seven variants compute them once; tokens are kept by the `prefnb.session.Session`, so the
-runs of an in-process sweep (`prefnb train --sweep`) tokenise each example once between them.
+"""What runs once before training: each example's tokens (`Encoders`, kept per
+`prefnb.session.Session`), the reference log-probs (of the held-out pairs, and of every training
+batch exactly as the loop will score it) and on-policy rejected samples, cached on disk by what
+they depend on (`prefnb.cache`).
 """
 
 from __future__ import annotations
@@ -64,8 +61,7 @@ class Encoders:
     def pairs(self, rows, *, prior: bool = False) -> tuple[list[Encoded], list[Encoded]]:
         """Chosen and rejected encodings; a row's ``chosen_eos`` / ``rejected_eos`` (default
         true) say whether that response ends with EOS."""
-        return ([self.one(r["prompt"], r["chosen"], prior=prior, eos=r.get("chosen_eos", True)) for r in rows],
-                [self.one(r["prompt"], r["rejected"], prior=prior, eos=r.get("rejected_eos", True)) for r in rows])
+        return batch_encodings(self, rows, list(range(len(rows))), prior=prior)
 
     @classmethod
     def of(cls, tokenizer, max_length: int, add_eos: bool, session: Session | None = None) -> "Encoders":
@@ -77,13 +73,18 @@ class Encoders:
                                            lambda: cls(tokenizer, max_length, add_eos, identity))
 
 
-def _reference(kind: str, seed: int, run: RunContext):
-    """(identity for cache keys, a loader of the reference model) for reference ``kind``:
+def _reference(run: RunContext, kind: str, seed: int, rows, **key_parts):
+    """(cache key, a loader of the reference model) for reference ``kind`` scoring ``rows``:
     policy and prior: the starting policy; anything else: that model (tokenizer checked)."""
     if kind in ("policy", "prior"):
-        return run.start_identity, lambda: run.start_model
-    return (models.weights_identity(kind, seed, run.session),
-            lambda: models.load_reference_model(kind, run.tokenizer, seed, run.session).to(run.device))
+        identity, load = run.start_identity, lambda: run.start_model
+    else:
+        identity, load = (models.weights_identity(kind, seed, run.session),
+                          lambda: models.load_reference_model(kind, run.tokenizer, seed, run.session).to(run.device))
+    key = cache_key(reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
+                    tokenizer=run.encoders.identity, max_length=run.params.max_length,
+                    add_eos=run.encoders.add_eos, **key_parts)
+    return key, load
 
 
 def reference_logps(run: RunContext, rows, *, split: str,
@@ -96,34 +97,30 @@ def reference_logps(run: RunContext, rows, *, split: str,
     ``source`` = (model, seed) scores with that model instead of ``params.reference`` (the base
     model a chain of runs started from: `models.chain_base`).
     """
-    params, encoders = run.params, run.encoders
-    kind, seed = source if source else (params.reference, params.seed)
+    kind, seed = source if source else (run.params.reference, run.params.seed)
     if kind == "none" or not rows:
         zeros = torch.zeros(len(rows))
         return zeros, zeros.clone()
-    identity, load = _reference(kind, seed, run)
-    key = cache_key(reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
-                    tokenizer=encoders.identity, max_length=params.max_length, add_eos=encoders.add_eos)
+    key, load = _reference(run, kind, seed, rows)
 
     def compute():
-        ref_model = load()
-        chosen, rejected = encoders.pairs(rows, prior=kind == "prior")
-        scores = score_pairs(ref_model, chosen, rejected, pad_id=run.tokenizer.pad_token_id,
-                             batch_size=params.eval_batch_size, device=run.device)
+        scores = score_pairs(load(), *run.encoders.pairs(rows, prior=kind == "prior"),
+                             pad_id=run.tokenizer.pad_token_id, batch_size=run.params.eval_batch_size,
+                             device=run.device)
         return {"chosen": scores[0], "rejected": scores[1]}
 
     value, hit = cached(run.cache_dir, "reference_logps", key, compute)
-    log.info("reference log-probs (%s, %s split, %d pairs): %s", kind, split, len(rows), "cache hit" if hit else "computed")
+    log.info("reference log-probs (%s, %s split, %d pairs): %s", kind, split, len(rows),
+             "cache hit" if hit else "computed")
     return value["chosen"], value["rejected"]
 
 
 def mismatched(batch: list[int]) -> list[int]:
     """For each position i of a micro-batch, the example whose responses x_i is paired with to
-    estimate KTO's reference point: the previous one, cyclically (y_{i−1}; TRL's KTOTrainer rolls
-    the batch's completions by one the same way). The mismatched responses are the batch's own
-    set, each after another prompt, as the KTO authors recommend (HALOs; TRL's KTOTrainer).
-    With batch_size 1 there is no other pair: x_1 keeps its own responses and z₀ becomes the
-    matched estimate (as in TRL with a per-device batch of 1)."""
+    estimate KTO's reference point: the previous one, cyclically (y_{i−1}: the batch's own
+    responses, each after another prompt, as the KTO authors recommend; HALOs and TRL's
+    KTOTrainer roll the batch's completions by one the same way). With batch_size 1, x_1 keeps
+    its own responses and z₀ becomes the matched estimate (as in TRL with a per-device batch of 1)."""
     return batch[-1:] + batch[:-1]
 
 
@@ -138,41 +135,36 @@ def batch_encodings(encoders: Encoders, rows, batch: list[int], *, prior: bool =
 def batch_reference_logps(run: RunContext, rows, batches: list[list[int]], *, with_mismatched: bool
                           ) -> dict[str, torch.Tensor]:
     """The reference log-probs of every training micro-batch, scored exactly as the loop scores
-    the policy: the same batches, the same row layout (shared-prompt or two rows, decided per
-    batch by ``collate_pairs``), under the same autocast context (the run's accelerator's). Rounding then matches
-    bit for bit, so at step 0 (policy = reference) every log-ratio is 0 and the DPO loss is
-    ln 2 whatever the precision; the held-out rows' reference (:func:`reference_logps`) would
-    differ from a bf16 policy by batch-shape- and precision-dependent rounding.
-
-    Costs one no-grad forward per training pair per step (not per example), done once and
-    cached: the micro-batches are a pure function of the seed (``prefnb.schedule``), so every
-    run with the same reference, data, batches and precision (a β sweep, the variants) shares it.
+    the policy: the same batches, row layout (``collate_pairs`` decides it per batch) and autocast
+    context (the run's accelerator's). Rounding then matches bit for bit, so at step 0 (policy =
+    reference) every log-ratio is 0 and the DPO loss is ln 2 whatever the precision; the held-out
+    rows' reference (:func:`reference_logps`) would differ from a bf16 policy by batch-shape- and
+    precision-dependent rounding. One no-grad forward per training pair per step, cached: the
+    micro-batches are a pure function of the seed (``prefnb.schedule``), so every run with the
+    same reference, data, batches and precision (a β sweep, the variants) shares it.
 
     Returns {"chosen", "rejected"}: [M, B] for M micro-batches of B pairs, on CPU; with
     ``with_mismatched`` (KTO's reference point) also "kl_chosen", "kl_rejected" [M, B], the
     reference log-probs of the mismatched pairs (:func:`batch_encodings` with kl=True).
     """
-    params, encoders, kind = run.params, run.encoders, run.params.reference
+    kind, names = run.params.reference, ("chosen", "rejected", "kl_chosen", "kl_rejected")
     shape = (len(batches), len(batches[0]) if batches else 0)
     if kind == "none":
         zeros = torch.zeros(shape)
-        return {name: zeros for name in ("chosen", "rejected", "kl_chosen", "kl_rejected")}
-    identity, load = _reference(kind, params.seed, run)
-    key = cache_key(version=1, reference=identity, prior=kind == "prior", data=data_lib.dataset_hash(rows),
-                    tokenizer=encoders.identity, max_length=params.max_length, add_eos=encoders.add_eos,
-                    batches=data_lib.dataset_hash(batches), hidden_size=run.hidden_size,
-                    mixed_precision=run.accelerator.mixed_precision, device=run.device.type,
-                    with_mismatched=with_mismatched)
+        return {name: zeros for name in names}
+    key, load = _reference(run, kind, run.params.seed, rows, version=1, batches=data_lib.dataset_hash(batches),
+                           hidden_size=run.hidden_size, mixed_precision=run.accelerator.mixed_precision,
+                           device=run.device.type, with_mismatched=with_mismatched)
 
     @torch.no_grad()
     def compute():
         ref_model = load()
         was_training = ref_model.training
         ref_model.eval()
-        out = {name: torch.empty(shape) for name in ("chosen", "rejected", "kl_chosen", "kl_rejected")}
+        out = {name: torch.empty(shape) for name in names}
         for m, batch in enumerate(batches):
             for prefix, kl in (("", False), ("kl_", True)) if with_mismatched else (("", False),):
-                chosen, rejected = batch_encodings(encoders, rows, batch, prior=kind == "prior", kl=kl)
+                chosen, rejected = batch_encodings(run.encoders, rows, batch, prior=kind == "prior", kl=kl)
                 collated = to_device(collate_pairs(chosen, rejected, run.tokenizer.pad_token_id,
                                                    hidden_size=run.hidden_size), run.device)
                 with run.accelerator.autocast():
@@ -194,16 +186,16 @@ def sampled_rejections(run: RunContext, rows) -> list[tuple[str, bool]]:
     They are training data, so they are drawn with ``data_seed`` (the seed that fixes the splits),
     not the run's ``seed``: every run from the same starting model shares one set, whatever its
     training seed, and the seeds of a study vary initialisation and data order only."""
-    params = run.params
+    params, prompts = run.params, [r["prompt"] for r in rows]
     # version 3: sampled with data_seed (version 2 used the run's seed).
-    key = cache_key(version=3, model=run.start_identity, prompts=data_lib.dataset_hash([r["prompt"] for r in rows]),
+    key = cache_key(version=3, model=run.start_identity, prompts=data_lib.dataset_hash(prompts),
                     max_new_tokens=params.max_new_tokens, top_p=params.top_p, temperature=params.temperature,
                     data_seed=params.data_seed, max_length=params.max_length)
 
     def compute():
         return evaluate.generate_with_ends(
-            run.start_model, run.tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens,
-            greedy=False, top_p=params.top_p, temperature=params.temperature, seed=params.data_seed,
+            run.start_model, run.tokenizer, prompts, max_new_tokens=params.max_new_tokens, greedy=False,
+            top_p=params.top_p, temperature=params.temperature, seed=params.data_seed,
             batch_size=params.eval_batch_size, max_length=params.max_length, device=run.device)
 
     value, hit = cached(run.cache_dir, "sampled_rejections", key, compute)
