@@ -1,9 +1,5 @@
-"""Task metrics: paraphrase accuracy/F1, sonnet generation + chrF, implicit-reward accuracy.
-
-Metric names follow DESIGN.md contract 2: ``<split>/accuracy``, ``<split>/f1``,
-``<split>/chrf``, ``<split>/chrf_full``, ``<split>/implicit_reward_accuracy``, where
-``split`` is ``eval`` (the selection split) or ``test`` (the report split).
-"""
+"""Task metrics (named as DESIGN.md contract 2): paraphrase accuracy/F1, sonnet generation +
+chrF, implicit-reward accuracy."""
 
 from __future__ import annotations
 
@@ -36,10 +32,9 @@ def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: in
     for any tokenizer, also when an answer is several tokens (byte-level: 4 and 3). A tie
     (equal scores) predicts "no", the negative class, and counts so in accuracy and F1.
     """
-    items = []
-    for row in rows:
-        for answer in row.get("answers", (ANSWERS[True], ANSWERS[False])):  # [yes, no]; see prefnb.prompts
-            items.append(encode(tokenizer, row["prompt"], answer, max_length=max_length, add_eos=False))
+    # [yes, no] after each prompt (the answers a row names, as training sees them: prefnb.prompts)
+    items = [encode(tokenizer, row["prompt"], answer, max_length=max_length, add_eos=False)
+             for row in rows for answer in row.get("answers", (ANSWERS[True], ANSWERS[False]))]
     scores = score_all(model, items, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device)
     yes, no = scores[0::2], scores[1::2]
     predictions = (yes > no).long().tolist()  # a tie (yes == no) predicts "no": it takes evidence to say yes
@@ -109,11 +104,9 @@ def generate_with_ends(model, tokenizer, prompts: Sequence[str], *, max_new_toke
         if newline_counts is None:
             newline_counts = LineBudget.newline_counts_of(tokenizer)
         newline_counts = newline_counts.to(device)
-    was_training = model.training
+    was_training, pad_side, generator_state = model.training, tokenizer.padding_side, torch.random.get_rng_state()
     model.eval()
-    pad_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
-    generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     outputs: list[tuple[str, bool]] = []
     try:
@@ -127,9 +120,8 @@ def generate_with_ends(model, tokenizer, prompts: Sequence[str], *, max_new_toke
                                     enc["input_ids"].shape[1], tokenizer.eos_token_id)
                 sampling.update(logits_processor=LogitsProcessorList([budget]),
                                 stopping_criteria=StoppingCriteriaList([budget.done]))
-            out = model.generate(**enc, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 **sampling)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **sampling)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
             # Padding after a finished row only ever follows its EOS (or its last line, with a line
             # budget: then EOS was masked), so EOS anywhere = emitted.
@@ -173,9 +165,6 @@ def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rej
     return float((margin > 0).float().mean()) if margin.numel() else float("nan")
 
 
-# ---------------------------------------------------------------------------------------
-# one held-out split of a run: its task's metrics, then implicit-reward accuracy
-# ---------------------------------------------------------------------------------------
 @dataclass
 class HeldOut:
     """One held-out split: ``name`` is the metric prefix, "eval" (selection: picks the best
@@ -198,11 +187,11 @@ def _paraphrase(model, tokenizer, split: HeldOut, params, encoders, device) -> d
 def _sonnets(model, tokenizer, split: HeldOut, params, encoders, device) -> dict[str, float]:
     """chrF of greedy (or top-p: ``generation``) continuations; with ``eval_sampled``, the report
     split also with the benchmark's sampled decoding (``<split>/chrf_sampled``, …)."""
+    # The task fixes the length (LineBudget).
     decode = dict(max_new_tokens=params.max_new_tokens, seed=params.seed, batch_size=params.eval_batch_size,
-                  max_length=params.max_length, device=device)
+                  max_length=params.max_length, device=device, lines=[reference_lines(row) for row in split.rows],
+                  newline_counts=encoders.newline_counts)
     prompts = [r["prompt"] for r in split.rows]
-    # The task fixes the length (LineBudget)
-    decode.update(lines=[reference_lines(row) for row in split.rows], newline_counts=encoders.newline_counts)
     continuations = generate(model, tokenizer, prompts, greedy=params.generation == "greedy", top_p=params.top_p,
                              temperature=params.temperature, **decode)
     metrics = sonnet_metrics(continuations, split.rows, split=split.name)
@@ -233,12 +222,10 @@ def run_evaluation(model, tokenizer, split: HeldOut, params, encoders, device) -
         return {}
     metrics = TASK_METRICS[params.task](model, tokenizer, split, params, encoders, device)
     if split.pairs:
-        chosen, rejected = encoders.pairs(split.pairs)
-        chosen_scores, rejected_scores = score_pairs(model, chosen, rejected, pad_id=tokenizer.pad_token_id,
-                                                     batch_size=params.eval_batch_size, device=device)
-        metrics[f"{split.name}/implicit_reward_accuracy"] = implicit_reward_accuracy(
-            chosen_scores, rejected_scores, *split.reference)
+        scores = score_pairs(model, *encoders.pairs(split.pairs), pad_id=tokenizer.pad_token_id,
+                             batch_size=params.eval_batch_size, device=device)  # (chosen [P], rejected [P])
+        metrics[f"{split.name}/implicit_reward_accuracy"] = implicit_reward_accuracy(*scores, *split.reference)
         if split.chain_base_reference is not None:
             metrics[f"{split.name}/implicit_reward_accuracy_total"] = implicit_reward_accuracy(
-                chosen_scores, rejected_scores, *split.chain_base_reference)
+                *scores, *split.chain_base_reference)
     return metrics

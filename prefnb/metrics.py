@@ -1,8 +1,7 @@
 """The metrics: one table of every metric's label, format and direction, and each task's key metric.
 
-A metric's name says its split (DESIGN.md, Splits): ``eval/…`` is the selection split (it picks
-a run's best checkpoint and a grid's best cell), ``test/…`` the report split (every number of
-the paper). The table is keyed by the name after the split; costs have no split.
+A metric's name says its split (DESIGN.md, Splits); the table is keyed by the name after the
+split (``eval/…`` picks a run's best checkpoint and a grid's best cell); costs have no split.
 """
 
 from __future__ import annotations
