@@ -26,12 +26,8 @@ def binary_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
 
 def paraphrase_metrics(model, tokenizer, rows: Sequence[dict], *, max_length: int, batch_size: int, device,
                        split: str = "eval") -> dict:
-    """Score " yes" and " no" as continuations of each cloze prompt; predict the likelier one.
-
-    Each answer's score is the summed log-prob of its continuation tokens, so this works
-    for any tokenizer, also when an answer is several tokens (byte-level: 4 and 3). A tie
-    (equal scores) predicts "no", the negative class, and counts so in accuracy and F1.
-    """
+    """Score " yes" and " no" as continuations of each cloze prompt (summed log-prob of the
+    answer's tokens, DESIGN.md); predict the likelier one."""
     # [yes, no] after each prompt (the answers a row names, as training sees them: prefnb.prompts)
     items = [encode(tokenizer, row["prompt"], answer, max_length=max_length, add_eos=False)
              for row in rows for answer in row.get("answers", (ANSWERS[True], ANSWERS[False]))]
@@ -76,8 +72,7 @@ class LineBudget:
 
     @staticmethod
     def newline_counts_of(tokenizer) -> torch.Tensor:
-        """[V] on CPU: one decode of the whole vocabulary (`precompute.Encoders.newline_counts`
-        keeps it per tokenizer, so a run's evaluations do not repeat it)."""
+        """[V] on CPU: one decode of the whole vocabulary (`precompute.Encoders.newline_counts` keeps it)."""
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         return torch.tensor([text.count("\n") for text in texts])
 

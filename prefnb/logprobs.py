@@ -170,16 +170,13 @@ def response_token_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tenso
     (token_logps [N] float32, sequence [N] long) for the N response tokens of the batch,
     sequence = which scored sequence each token belongs to.
     """
-    states = predictor_states(model, batch)  # [N, d]
-    targets = batch["target"]  # [N]
     head = model.get_output_embeddings()
     pieces = []
-    for start in range(0, states.shape[0], HEAD_CHUNK):
-        logits = head(states[start:start + HEAD_CHUNK]).float()  # [n, V]
-        target_logits = logits.gather(-1, targets[start:start + HEAD_CHUNK, None]).squeeze(-1)
-        pieces.append(target_logits - logits.logsumexp(-1))
-    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-    return token_logps, batch["sequence"]
+    # [N, d] states and [N] target ids, HEAD_CHUNK at a time (an empty batch is one empty chunk)
+    for states, targets in zip(predictor_states(model, batch).split(HEAD_CHUNK), batch["target"].split(HEAD_CHUNK)):
+        logits = head(states).float()  # [n, V]
+        pieces.append(logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    return torch.cat(pieces), batch["sequence"]
 
 
 def predictor_states(model, batch: dict[str, Tensor]) -> Tensor:

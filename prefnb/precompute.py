@@ -44,8 +44,7 @@ class Encoders:
 
     @functools.cached_property
     def newline_counts(self) -> torch.Tensor:
-        """[V] newlines per token (`evaluate.LineBudget`): a decode of the whole vocabulary, once
-        per tokenizer rather than once per sonnet evaluation."""
+        """`evaluate.LineBudget.newline_counts_of`, once per tokenizer, not per sonnet evaluation."""
         return evaluate.LineBudget.newline_counts_of(self.tokenizer)
 
     def one(self, prompt: str, response: str, *, prior: bool = False, eos: bool = True) -> Encoded:
@@ -74,8 +73,7 @@ class Encoders:
 
 
 def _reference(run: RunContext, kind: str, seed: int, rows, **key_parts):
-    """(cache key, a loader of the reference model) for reference ``kind`` scoring ``rows``:
-    policy and prior: the starting policy; anything else: that model (tokenizer checked)."""
+    """(cache key, a loader of the reference model) for reference ``kind`` scoring ``rows``."""
     if kind in ("policy", "prior"):
         identity, load = run.start_identity, lambda: run.start_model
     else:
@@ -117,10 +115,9 @@ def reference_logps(run: RunContext, rows, *, split: str,
 
 def mismatched(batch: list[int]) -> list[int]:
     """For each position i of a micro-batch, the example whose responses x_i is paired with to
-    estimate KTO's reference point: the previous one, cyclically (y_{i−1}: the batch's own
-    responses, each after another prompt, as the KTO authors recommend; HALOs and TRL's
-    KTOTrainer roll the batch's completions by one the same way). With batch_size 1, x_1 keeps
-    its own responses and z₀ becomes the matched estimate (as in TRL with a per-device batch of 1)."""
+    estimate KTO's reference point (`losses.kto_reference_point`): the previous one, cyclically,
+    as TRL's KTOTrainer rolls the batch's completions. With batch_size 1, x_1 keeps its own
+    responses and z₀ becomes the matched estimate (as in TRL with a per-device batch of 1)."""
     return batch[-1:] + batch[:-1]
 
 
