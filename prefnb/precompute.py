@@ -115,9 +115,9 @@ def reference_logps(run: RunContext, rows, *, split: str,
 
 def mismatched(batch: list[int]) -> list[int]:
     """For each position i of a micro-batch, the example whose responses x_i is paired with to
-    estimate KTO's reference point (`losses.kto_reference_point`): the previous one, cyclically,
-    as TRL's KTOTrainer rolls the batch's completions. With batch_size 1, x_1 keeps its own
-    responses and z₀ becomes the matched estimate (as in TRL with a per-device batch of 1)."""
+    estimate KTO's reference point (`losses.kto_reference_point`): the previous one, cyclically
+    (y_{i−1}), as TRL's KTOTrainer rolls the batch's completions. With batch_size 1, x_1 keeps
+    its own responses and z₀ becomes the matched estimate (as in TRL with a per-device batch of 1)."""
     return batch[-1:] + batch[:-1]
 
 
