@@ -1,8 +1,5 @@
-"""A content-addressed disk cache for work that many runs share (contract 6 of DESIGN.md).
-
-Reference log-probs depend only on (reference weights, data, tokenizer, max length, prior
-or not); sampled rejected responses only on (sampling model, prompts, decoding settings).
-Keying on those — not on the run — lets a β sweep or the seven variants compute them once.
+"""A content-addressed disk cache for work that many runs share (contract 6 of DESIGN.md):
+keyed on what the work depends on, not on the run, so a β sweep or the variants compute it once.
 """
 
 from __future__ import annotations
@@ -25,8 +22,7 @@ def cache_key(**parts: Any) -> str:
 
 def file_version(path: str | os.PathLike) -> tuple[str, int, int]:
     """(resolved path, modification time in ns, size): what keeps an in-process memo of a
-    file's contents valid while the file is unchanged (the runs of an in-process sweep read
-    the same files again and again)."""
+    file's contents valid while the file is unchanged."""
     stat = os.stat(path)
     return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
 

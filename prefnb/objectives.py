@@ -1,19 +1,11 @@
-"""The objectives: the one table of their names, plug-ins and operating points.
+"""The objectives: the one table of their names, plug-in families and operating points
+(README, "Adding an objective").
 
-Adding an objective is one entry in :data:`OBJECTIVES` (README, "Adding an objective"): its
-plug-in family (how it is trained: `prefnb.plugins.FAMILIES`), whether its loss reads the
-reference, and its default β and options with their sources. A preference objective's loss
-is the pure function of the same name in `prefnb.losses`.
-
-Each objective's operating point: its default β and options, with their sources.
-
-One β for every objective would put several of them far from where they work (SimPO's
-reward is a per-token log-prob, its authors use β of 2 to 10; IPO's τ is a different
-quantity from DPO's β). A run that leaves ``beta`` or an option at ``null`` gets the value
-below (resolved when the parameters are: params.yaml and the run id show it); any of them
-can be set in params. Torch-free, so that validating a params file stays fast;
-`prefnb.losses` reads its option defaults from here too (a test checks that both name the
-same options).
+Each has its own default β and options: one β for every objective would put several far from
+where they work (SimPO's reward is a per-token log-prob, its authors use β of 2 to 10; IPO's τ
+is a different quantity from DPO's β). A ``null`` in params gets the value below, resolved with
+the parameters (params.yaml and the run id show it). Torch-free, so that validating a params
+file stays fast; `prefnb.losses` reads its option defaults from here too.
 
 Sources: the paper and where in it, else the reference code (TRL 1.16's config defaults,
 which the TRL-parity tests in tests/test_losses_trl.py run against).
@@ -87,4 +79,4 @@ def default(objective: str, name: str) -> float | None:
 
 
 def _defaults(objective: str) -> dict[str, float]:
-    return OBJECTIVES[objective].defaults if objective in OBJECTIVES else {}
+    return OBJECTIVES.get(objective, Objective()).defaults

@@ -38,8 +38,7 @@ def preference_step(model, batch, params, ref_chosen, ref_rejected, mismatched=N
     (`losses.kto_reference_point`), estimated on each process's own micro-batch.
     """
     logps, lengths = sequence_logps(model, batch)
-    pc, pr = logps.chunk(2)
-    lc, lr = lengths.chunk(2)
+    (pc, pr), (lc, lr) = logps.chunk(2), lengths.chunk(2)
     options = params.loss_options()
     if mismatched is not None:
         with torch.no_grad():
@@ -49,7 +48,7 @@ def preference_step(model, batch, params, ref_chosen, ref_rejected, mismatched=N
         params.objective, pc, pr, ref_chosen, ref_rejected, beta=params.beta,
         chosen_lengths=lc, rejected_lengths=lr, **options)
     loss = per_pair.mean()
-    metrics = {
+    return loss, {
         "loss": loss.detach(),
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -58,7 +57,6 @@ def preference_step(model, batch, params, ref_chosen, ref_rejected, mismatched=N
         "logps/chosen": pc.detach().mean(),
         "logps/rejected": pr.detach().mean(),
     }
-    return loss, metrics
 
 
 class SFT:
@@ -91,8 +89,7 @@ class Preference:
 
     def __init__(self, run: RunContext):
         self.run = run
-        params = run.params
-        self.kto_mismatched = params.objective == "kto" and params.kto_reference_point == "mismatched"
+        self.kto_mismatched = run.params.objective == "kto" and run.params.kto_reference_point == "mismatched"
 
     def rows(self, task) -> int:
         run, pairs = self.run, task.train_pairs

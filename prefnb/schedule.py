@@ -6,6 +6,7 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -40,14 +41,13 @@ def micro_batches(steps: range, *, n: int, batch_size: int, seed: int, rank: int
     micro-batch m of the global run covers stream positions [m·B·W, (m+1)·B·W), and
     process r takes its B of them.
     """
-    permutation: dict[int, np.ndarray] = {}  # the current epoch's: positions only move forward
+    @functools.lru_cache(maxsize=1)  # the current epoch's: positions only move forward
+    def permutation(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(n)
 
     def example(pos: int) -> int:
         epoch, offset = divmod(pos, n)
-        if epoch not in permutation:
-            permutation.clear()
-            permutation[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        return int(permutation[epoch][offset])
+        return int(permutation(epoch)[offset])
 
     return [[example(pos) for pos in range((m * world + rank) * batch_size, (m * world + rank + 1) * batch_size)]
             for m in steps]

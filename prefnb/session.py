@@ -1,10 +1,7 @@
 """What the runs of one process share (:class:`Session`) and what one run's parts share (:class:`RunContext`).
 
-`prefnb train --sweep` passes one Session from run to run, so that its runs tokenise each
-example, parse the Quora file and hash a model's files once between them; a notebook (a fresh
-kernel per run) or a bare ``train(params)`` makes a new one and shares nothing. Each memo is of
-a pure function of files or settings, keyed by what it depends on (a file by path, size and
-modification time): it changes how often something is computed, never what.
+Each memo is of a pure function of files or settings, keyed by what it depends on (a file by
+`prefnb.cache.file_version`): it changes how often something is computed, never what.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -23,9 +24,15 @@ def timing_warmup_steps(max_steps: int) -> int:
 
 def synchronize(device) -> None:
     """Wait for queued device work, so that the host clock covers it (a no-op on CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Mark(NamedTuple):
+    at: float        # time.perf_counter(), after a device sync
+    step: int
+    units: float     # tokens or examples seen so far
+    excluded: float  # StepClock's excluded seconds so far
 
 
 @dataclass
@@ -40,15 +47,9 @@ class StepClock:
     max_steps: int
     started: float = field(default_factory=time.perf_counter)
     first_step_seconds: float | None = None
-    _warm_at: float | None = None
-    _warm_step: int | None = None
-    _warm_units: float = 0.0
-    _end_at: float | None = None
-    _end_step: int | None = None
-    _end_units: float = 0.0
-    _excluded: float = 0.0           # seconds of work inside the loop that is not training
-    _excluded_at_warm: float = 0.0
-    _excluded_at_end: float = 0.0
+    _excluded: float = 0.0  # seconds of work inside the loop that is not training
+    _warm: _Mark | None = None
+    _end: _Mark | None = None
 
     @property
     def warmup_steps(self) -> int:
@@ -63,13 +64,11 @@ class StepClock:
         far, a number or a device scalar) is read only at marks."""
         if not self.wants_mark(step):
             return
-        synchronize(self.device)
-        now = time.perf_counter()
+        mark = self._mark(step, units)
         if step == 1:
-            self.first_step_seconds = now - self.started
+            self.first_step_seconds = mark.at - self.started
         if step == self.warmup_steps:
-            self._warm_at, self._warm_step, self._warm_units = now, step, _as_float(units)
-            self._excluded_at_warm = self._excluded
+            self._warm = mark
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` of in-loop work that is not training (an evaluation, a checkpoint
@@ -78,28 +77,29 @@ class StepClock:
 
     def finish(self, step: int, units=None) -> None:
         """Call once after the last optimiser step."""
+        self._end = self._mark(step, units)
+
+    def _mark(self, step: int, units) -> _Mark:
         synchronize(self.device)
-        self._end_at, self._end_step, self._end_units = time.perf_counter(), step, _as_float(units)
-        self._excluded_at_end = self._excluded
+        return _Mark(time.perf_counter(), step, 0.0 if units is None else float(units), self._excluded)
 
     def summary(self) -> dict[str, float | int | None]:
         """first_step_seconds; steady_steps/seconds/units after the warm-up (None if the run
         was too short to have a steady part, or resumed past the warm-up)."""
-        steady = (self._warm_at is not None and self._end_at is not None and self._end_step > self._warm_step)
+        warm, end = self._warm, self._end
+        steady = warm is not None and end is not None and end.step > warm.step
         return {
             "first_step_seconds": self.first_step_seconds,
-            "steady_steps": self._end_step - self._warm_step if steady else None,
-            "steady_seconds": (self._end_at - self._warm_at - (self._excluded_at_end - self._excluded_at_warm)
-                               if steady else None),
-            "steady_units": self._end_units - self._warm_units if steady else None,
+            "steady_steps": end.step - warm.step if steady else None,
+            "steady_seconds": end.at - warm.at - (end.excluded - warm.excluded) if steady else None,
+            "steady_units": end.units - warm.units if steady else None,
         }
 
 
 def reset_peak_memory(device) -> None:
     """Start a run's peak-memory count. Only CUDA's can be reset: a process's peak resident set
     size (CPU) counts from the process's start, whatever ran in it before."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -114,13 +114,7 @@ def peak_memory_bytes(device, *, first_in_process: bool = True) -> int | None:
     peak RSS when the process ran nothing else before (compare it between processes doing the
     same work), else None: a second run in one process (a sweep) would report the larger of its
     own peak and every earlier run's, so no number is better than a wrong one."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return process_peak_rss_bytes() if first_in_process else None
 
-
-def _as_float(units) -> float:
-    if units is None:
-        return 0.0
-    return float(units.item()) if isinstance(units, torch.Tensor) else float(units)

@@ -1,14 +1,8 @@
-"""One training loop for every objective: SFT (any f-divergence) and every preference loss.
+"""One training loop for every objective; the objective plugs in through `prefnb.plugins`.
 
-Reads top to bottom: set up (checks, accelerator, starting policy) → prepare (the objective's
-training rows and reference log-probs, the held-out splits' references: once, cached by
-`prefnb.precompute`) → loop → evaluate → write the run directory. Objectives plug in through
-`prefnb.plugins` (rows, prepare, batch, step); there is no trainer class hierarchy, and
-nothing here depends on the objective or the task.
-
-Runs on accelerate: CPU, one GPU (bf16 autocast) or several (`accelerate launch`; each
-process takes its slice of every global batch). The loop never syncs with the host
-except every `log_every` steps, when it writes a history row and checks the loss.
+Reads top to bottom: set up → prepare (reference log-probs, once) → loop → evaluate → write.
+On accelerate: CPU, one GPU (bf16 autocast) or several (`accelerate launch`; each process takes
+its slice of every global batch). The loop syncs with the host only every `log_every` steps.
 """
 
 from __future__ import annotations
@@ -47,41 +41,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a missing dependency); the message says where."""
 
 
-# ---------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _mixed_precision(params: RunParams) -> str:
-    if params.precision == "bf16" or (params.precision == "auto" and torch.cuda.is_available()):
-        return "bf16"
-    return "no"
-
-
 def train(params: RunParams, *, progress: bool = True, session: Session | None = None) -> dict[str, float]:
-    """Train and evaluate one run; write params.yaml, history.jsonl, metrics.json, manifest.json
-    and checkpoint/ into ``params.resolved_output_dir()``. Returns the final metrics.
+    """Train and evaluate one run into ``params.resolved_output_dir()``; return its metrics.
 
-    ``session``: what the runs of one process share (`prefnb.session`; `prefnb train --sweep`
-    passes one from run to run); none: a new one. The completion marker is not written here:
-    the caller (CLI or study) writes it last.
+    ``session``: what the runs of one process share (none: a new one). The completion marker is
+    not written here: the caller (CLI or study) writes it last.
     """
     started, started_at = time.perf_counter(), now_iso()  # before the imports: start-up counts them
     session = session or Session()
@@ -114,8 +78,9 @@ def train(params: RunParams, *, progress: bool = True, session: Session | None =
     reported = _report(state, unwrapped, report)
     tokens = int(run.accelerator.reduce(state.tokens_seen, "sum"))
     timing = clock.summary()
-    result = {**state.best["metrics"], **reported}
-    result.update({
+    result = {
+        **state.best["metrics"],
+        **reported,
         "best_step": state.best["step"],
         "final/" + params.key_metric: final.get(params.key_metric),
         "train/loss": _last_loss(state.history_path),
@@ -134,17 +99,16 @@ def train(params: RunParams, *, progress: bool = True, session: Session | None =
         "train/total_parameters": total,
         "reference/seconds": reference_seconds,
         "run/seconds": time.perf_counter() - started,
-    })
+    }
     _write(run, task, result, started_at)
     return result
 
 
-# ---------------------------------------------------------------------------------------
-# set up → prepare
-# ---------------------------------------------------------------------------------------
+# --- set up → prepare
 def _set_up(params: RunParams, session: Session) -> tuple[RunContext, data_lib.TaskData]:
     """Checks, accelerator, run directory, seeds, starting policy and tokeniser; the task data."""
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the run's own progress
@@ -153,18 +117,20 @@ def _set_up(params: RunParams, session: Session) -> tuple[RunContext, data_lib.T
     # Values the data or machine cannot serve fail here, before anything is allocated; the
     # check loads the task data, which the run then uses.
     task = preflight.check(params, out_dir, cache_dir, session)
+    bf16 = params.precision == "bf16" or (params.precision == "auto" and torch.cuda.is_available())
     try:
-        accelerator = Accelerator(mixed_precision=_mixed_precision(params),
+        accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no",
                                   gradient_accumulation_steps=params.grad_accum_steps)
     except ValueError as err:  # accelerate fixes mixed precision once per process
-        raise TrainingError(f"precision '{params.precision}': this process already trained with another precision "
-                            f"and accelerate cannot switch ({err}); restart the kernel or train in a new process") from err
+        raise TrainingError(f"precision '{params.precision}': this process already trained with another "
+                            f"precision and accelerate cannot switch ({err}); restart the kernel or train in a "
+                            "new process") from err
     session.runs_started += 1
     reset_peak_memory(accelerator.device)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_params(params, out_dir / "params.yaml")
-    seed_everything(params.seed)
+    set_seed(params.seed)  # random, numpy and torch
     start_model, tokenizer = models.load_starting_model(params.model, params.init_from, params.seed, session)
     start_model.to(accelerator.device)
     task = apply_prompt_format(task, tokenizer, params.prompt_format)
@@ -211,14 +177,15 @@ def _policy_and_optimizer(run: RunContext, objective):
     return policy, optimizer, scheduler, counts
 
 
-# ---------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------
+# --- the loop
 @dataclass
 class RunState:
     """What the loop carries from step to step, and a resumed run restores: the step, the best
     checkpoint so far, the running sums since the last history row, the costs kept out of
     train/seconds (evaluation and checkpoint writes, in seconds)."""
+
+    # Saved with the state too, so that a resumed run logs the same history rows.
+    LOOP_CARRY = ("sums", "n_since_log", "tokens_seen", "first_bad_step")
 
     run: RunContext
     selection: HeldOut
@@ -229,27 +196,34 @@ class RunState:
     n_since_log: int = 0
     tokens_seen: torch.Tensor | None = None    # device scalars: read at log steps only
     first_bad_step: torch.Tensor | None = None  # the first step with a non-finite loss, -1 while none
+    history_path: Path = field(init=False)
+    state_path: Path = field(init=False)
+    main: bool = field(init=False)  # the main process: the one that writes files
 
     def __post_init__(self):
-        device = self.run.device
-        self.tokens_seen = torch.zeros((), dtype=torch.long, device=device)
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.tokens_seen = torch.zeros((), dtype=torch.long, device=self.run.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.run.device)
+        self.history_path = self.run.out_dir / "history.jsonl"
+        self.state_path = self.run.out_dir / STATE_DIR / "state.pt"
+        self.main = self.run.accelerator.is_main_process
 
-    @property
-    def history_path(self) -> Path:
-        return self.run.out_dir / "history.jsonl"
+    def append_history(self, row: dict) -> None:
+        with self.history_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
-    @property
-    def state_path(self) -> Path:
-        return self.run.out_dir / STATE_DIR / "state.pt"
-
-    @property
-    def main(self) -> bool:
-        return self.run.accelerator.is_main_process
-
-    def loop_carry(self) -> dict:
-        return {"sums": self.sums, "n_since_log": self.n_since_log, "tokens_seen": self.tokens_seen,
-                "first_bad_step": self.first_bad_step}
+    def save(self, model, optimizer, scheduler) -> float:
+        """Write ``state/state.pt``: everything exact resumption needs, of the weights only the
+        trainable ones (LoRA: the adapters). Returns the seconds it took."""
+        synchronize(self.run.device)
+        started = time.perf_counter()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                 "step": self.step, "best": self.best, "loop": {name: getattr(self, name) for name in self.LOOP_CARRY}}
+        atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
+        seconds = time.perf_counter() - started
+        self.costs["checkpoint"] += seconds
+        return seconds
 
     def resume(self, policy, optimizer, scheduler) -> None:
         """Continue from ``state/state.pt`` where one was saved; keep the history up to its step."""
@@ -260,9 +234,8 @@ class RunState:
             scheduler.load_state_dict(saved["scheduler"])
             _set_rng_state(saved["rng"])
             self.step, self.best = saved["step"], saved["best"]
-            if saved["loop"]:  # running sums since the last history row, so a resumed run logs the same rows
-                for name, value in saved["loop"].items():
-                    setattr(self, name, value)
+            for name, value in (saved["loop"] or {}).items():
+                setattr(self, name, value)
             log.info("resumed from step %d", self.step)
         if self.main:
             lines = self.history_path.read_text().splitlines() if self.history_path.exists() else []
@@ -276,7 +249,7 @@ def _loop(state: RunState, objective, policy, optimizer, scheduler, batches, clo
     evaluations every eval_every, resumable states every save_every."""
     from tqdm.auto import tqdm
 
-    run, params, accelerator = state.run, state.run.params, state.run.accelerator
+    params, accelerator = state.run.params, state.run.accelerator
     bar = tqdm(total=params.max_steps, initial=state.step, disable=not (progress and state.main),
                desc=params.run_id(), dynamic_ncols=True)
     while state.step < params.max_steps:
@@ -300,20 +273,14 @@ def _loop(state: RunState, objective, policy, optimizer, scheduler, batches, clo
         state.step += 1
         state.n_since_log += 1
         bar.update(1)
-        if clock.wants_mark(state.step):
-            clock.step_done(state.step, state.tokens_seen)
+        clock.step_done(state.step, state.tokens_seen)
         step, last = state.step, state.step == params.max_steps
         if step % params.log_every == 0 or last:
             _log_row(state, scheduler, n_train, bar)
         if params.eval_every and step % params.eval_every == 0 and not last:
             clock.exclude(_evaluate_and_keep_best(state, accelerator.unwrap_model(policy))[1])
         if params.save_every and step % params.save_every == 0 and not last and state.main:
-            synchronize(run.device)
-            save_started = time.perf_counter()
-            _save_state(state.state_path, accelerator.unwrap_model(policy), optimizer, scheduler, step, state.best,
-                        loop=state.loop_carry())
-            state.costs["checkpoint"] += time.perf_counter() - save_started
-            clock.exclude(time.perf_counter() - save_started)
+            clock.exclude(state.save(accelerator.unwrap_model(policy), optimizer, scheduler))
     bar.close()
     clock.finish(state.step, state.tokens_seen)
 
@@ -332,13 +299,10 @@ def _log_row(state: RunState, scheduler, n_train: int, bar) -> None:
     state.sums, state.n_since_log = {}, 0
     bar.set_postfix(loss=f"{row['loss']:.4f}")
     if state.main:
-        with state.history_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        state.append_history(row)
 
 
-# ---------------------------------------------------------------------------------------
-# evaluate → write
-# ---------------------------------------------------------------------------------------
+# --- evaluate → write
 def _evaluate_and_keep_best(state: RunState, model) -> tuple[dict, float]:
     """Evaluate on the selection split; save the checkpoint when the key metric improves (ties
     keep the earlier one). Adds the seconds spent to ``state.costs``; returns (metrics, seconds)."""
@@ -348,8 +312,7 @@ def _evaluate_and_keep_best(state: RunState, model) -> tuple[dict, float]:
     synchronize(run.device)  # queued training work belongs to training, not to this evaluation
     started = time.perf_counter()
     metrics = run_evaluation(model, run.tokenizer, state.selection, params, run.encoders, run.device)
-    with state.history_path.open("a") as fh:
-        fh.write(json.dumps({"step": state.step, **metrics}) + "\n")
+    state.append_history({"step": state.step, **metrics})
     evaluated = time.perf_counter()
     state.costs["eval"] += evaluated - started
     value = metrics.get(params.key_metric, float("nan"))
@@ -383,19 +346,23 @@ def _write(run: RunContext, task, result: dict, started_at: str) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _save_state(path: Path, model, optimizer, scheduler, step: int, best: dict, loop: dict) -> None:
-    """Everything exact resumption needs; only trainable weights (LoRA: the adapters)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "best": best, "loop": loop}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
 def _rate(amount, seconds) -> float | None:
     return amount / seconds if amount is not None and seconds else None
 
 
 def _last_loss(history_path: Path) -> float | None:
     rows = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
-    losses_logged = [r["loss"] for r in rows if "loss" in r]
-    return losses_logged[-1] if losses_logged else None
+    return next((row["loss"] for row in reversed(rows) if "loss" in row), None)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
