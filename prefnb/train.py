@@ -62,7 +62,6 @@ def train(params: RunParams, *, progress: bool = True, session: Session | None =
     selection, report = _held_out(run, task)
     reference_seconds = time.perf_counter() - reference_started
 
-    first_in_process = session.runs_started == 1  # only then is the CPU peak RSS this run's own
     state = RunState(run, selection)
     policy, optimizer, scheduler, (trainable, total) = _policy_and_optimizer(run, objective)
     state.resume(policy, optimizer, scheduler)
@@ -91,7 +90,7 @@ def train(params: RunParams, *, progress: bool = True, session: Session | None =
         "train/first_step_seconds": timing["first_step_seconds"],
         "train/steady_steps_per_second": _rate(timing["steady_steps"], timing["steady_seconds"]),
         "train/steady_tokens_per_second": _rate(timing["steady_units"], timing["steady_seconds"]),
-        "train/peak_memory_bytes": peak_memory_bytes(run.device, first_in_process=first_in_process),
+        "train/peak_memory_bytes": peak_memory_bytes(run.device, first_in_process=session.runs_started == 1),
         "train/process_peak_rss_bytes": process_peak_rss_bytes(),
         "eval/seconds": state.costs["eval"],
         "checkpoint/seconds": state.costs["checkpoint"],
