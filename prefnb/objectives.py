@@ -1,5 +1,6 @@
-"""The objectives: the one table of their names, plug-in families and operating points
-(README, "Adding an objective").
+"""The objectives: the one table of their names, plug-in families and operating points. Adding
+one is a row here (README, "Adding an objective"); a preference objective's loss is the function
+of the same name in `prefnb.losses`.
 
 Each has its own default β and options: one β for every objective would put several far from
 where they work (SimPO's reward is a per-token log-prob, its authors use β of 2 to 10; IPO's τ
