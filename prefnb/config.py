@@ -1,10 +1,7 @@
-"""Run parameters: one flat, typed record per run, loaded from YAML and validated.
+"""Run parameters: one flat, typed record per run (contract 4 of DESIGN.md), loaded from YAML and validated.
 
-A run's parameters are resolved from, in order: the dataclass defaults, a profile
-(``params/profiles/<name>.yaml``), one or more params files, then ``--set key=value``
-overrides. Every key is checked before any work starts: an unknown key, a wrong type
-or an out-of-range value raises :class:`ParamsError` with one line that names the key,
-the file it came from and what is allowed (contract 4 of DESIGN.md).
+Layers, later wins: the dataclass defaults, a profile (``params/profiles/<name>.yaml``), params files,
+``--set key=value``. Every key is checked before any work starts.
 """
 
 from __future__ import annotations
@@ -119,7 +116,6 @@ class RunParams:
     output_dir: Optional[str] = _spec(None, "run directory (default: outputs/<experiment>/<run_id>)")
     cache_dir: Optional[str] = _spec(None, "reference log-prob / sample cache (default: outputs/.cache)")
 
-    # ------------------------------------------------------------------------------------
     def __post_init__(self):
         for name in ("beta", *objectives.option_names(self.objective)):  # null: the objective's default
             if getattr(self, name) is None:
@@ -166,9 +162,7 @@ _LOCATION_KEYS = frozenset({"output_dir", "cache_dir", "data_dir"})
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunParams)}
 
 
-# ---------------------------------------------------------------------------------------
-# validation
-# ---------------------------------------------------------------------------------------
+# --- validation
 # get_type_hints re-evaluates every string annotation: ~2 ms, too slow to call per key when a
 # study expands ~1,000 runs, so it is read once (read-only).
 TYPE_HINTS: Mapping[str, Any] = types.MappingProxyType(typing.get_type_hints(RunParams))
@@ -185,12 +179,9 @@ def _base_type(annotation: str) -> tuple[type, bool]:
 
 def _describe(f: dataclasses.Field) -> str:
     m = f.metadata
-    typ, optional = _base_type(f.name)
     if m["choices"]:
-        allowed = "one of " + ", ".join(m["choices"])
-        if m["open_choices"]:
-            allowed += ", or a model id/path"
-        return allowed
+        return "one of " + ", ".join(m["choices"]) + (", or a model id/path" if m["open_choices"] else "")
+    typ, optional = _base_type(f.name)
     parts = [{int: "an integer", float: "a number", str: "a string", bool: "true/false"}[typ]]
     if m["min"] is not None:
         parts.append(f"{'>' if m['min_exclusive'] else '>='} {m['min']}")
@@ -224,31 +215,25 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
     f = FIELDS[key]
     typ, optional = _base_type(key)
     bad = ParamsError(f"{source}: key '{key}' must be {_describe(f)}, got {value!r}{_yaml_hint(typ, value)}")
+    m = f.metadata
     if value is None:
         if optional:
             return None
         raise bad
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise bad
-    elif typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif typ is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if typ is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad from None
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool) and not m["choices"]:
+        value = str(value)  # e.g. `model: 123` is a path-like string, not a type error
+    # a bool is an int in Python; here true/false is a bool only, never an integer or a number
+    if isinstance(value, bool) != (typ is bool) or not isinstance(value, (int, float) if typ is float else typ):
+        raise bad
+    if typ is float:
+        if math.isnan(value):
             raise bad
         value = float(value)
-    elif typ is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and f.metadata["choices"] is None:
-            value = str(value)  # e.g. `model: 123` is a path-like string, not a type error
-        if not isinstance(value, str):
-            raise bad
-    m = f.metadata
     if m["choices"] and value not in m["choices"] and not m["open_choices"]:
         raise bad
     if m["min"] is not None and (value < m["min"] or (m["min_exclusive"] and value == m["min"])):
@@ -260,16 +245,12 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
 
 def _check_combination(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
     """Rules that involve two keys."""
-    def src(key):
-        return sources.get(key, "defaults")
-
     if values["task"] == "jsonl" and not values["data_path"]:
-        raise ParamsError(f"{src('task')}: task 'jsonl' needs key 'data_path' (a JSONL file or a dataset id)")
+        raise ParamsError(f"{sources.get('task', 'defaults')}: task 'jsonl' needs key 'data_path' "
+                          "(a JSONL file or a dataset id)")
 
 
-# ---------------------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------------------
+# --- loading
 class _DuplicateKey(Exception):
     pass
 
@@ -278,22 +259,18 @@ class _StrictLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, except that a key given twice in one mapping is an error
     (PyYAML silently keeps the last value: `beta: 0.1` ... `beta: 1` would train at 1)."""
 
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            if key in seen:
-                raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key] + 1} and "
-                                    f"{key_node.start_mark.line + 1}); keep one")
-            seen[key] = key_node.start_mark.line
-        except TypeError:  # an unhashable key: let PyYAML report it
-            pass
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key] + 1} and "
+                                        f"{key_node.start_mark.line + 1}); keep one")
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: let PyYAML report it
+                pass
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -324,9 +301,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def resolve_params(
-    layers: Iterable[tuple[str, Mapping[str, Any]]],
-) -> RunParams:
+def resolve_params(layers: Iterable[tuple[str, Mapping[str, Any]]]) -> RunParams:
     """Merge (source name, mapping) layers in order, validate every key, build RunParams."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -390,7 +365,5 @@ def save_params(params: RunParams, path: str | Path) -> None:
 
 def describe_params() -> str:
     """A table of every key, its default and what it allows (for `prefnb params`)."""
-    rows = []
-    for name, f in FIELDS.items():
-        rows.append(f"{name:22s} {str(f.default):12s} {_describe(f)} — {f.metadata['help']}")
-    return "\n".join(rows)
+    return "\n".join(f"{name:22s} {str(f.default):12s} {_describe(f)} — {f.metadata['help']}"
+                     for name, f in FIELDS.items())
