@@ -1,8 +1,7 @@
 """Study grids: a profile plus the experiment files in ``params/`` → an ordered list of runs.
 
-Pure: reads YAML, loads no model, touches no outputs. ``prefnb study --list`` is this module.
-The format and its expansion are one module because they change together: every key of the
-format below is read in :func:`_load_groups` / :class:`_Presets` and used in :func:`expand`.
+Pure: reads YAML, loads no model, touches no outputs (``prefnb study --list`` is this module).
+The format below and its expansion are one module because they change together.
 
 Experiment file (``params/<experiment>.yaml``; the file name is the experiment name)::
 
@@ -39,15 +38,13 @@ Values of keys
                       copying these keys from it (07: one DPO per SFT run).
   No run, or several, matching is an error that names the file and the key.
 
-Training-set size (a group whose runs vary ``train_size``): ``train_size_design`` says what
-is held fixed as the training set shrinks. Only 06 uses it, and it is kept because the paper
-quotes the design (the run label ``train_size_design``) and a profile may switch it.
-- ``fixed_steps`` (the default): every run takes ``max_steps`` steps, so a smaller set is
-  seen for more epochs (size and epochs are confounded);
-- ``fixed_epochs``: ``max_steps`` is the budget of the group's largest ``train_size``; a run
-  with fraction f of it takes ``max_steps · f / f_max`` steps (at least 1), and the other
-  step-counted keys (``warmup_steps``, ``eval_every``, ``save_every``) shrink with it, so every
-  size is seen for the same number of epochs.
+Training-set size: ``train_size_design`` says what a group that varies ``train_size`` holds
+fixed (only 06 uses it; kept because the paper quotes the design, the run label
+``train_size_design``, and a profile may switch it). ``fixed_steps`` (the default): every run
+takes ``max_steps``, so a smaller set is seen for more epochs. ``fixed_epochs``: ``max_steps``
+is the budget of the group's largest fraction f_max; a run with fraction f takes
+``max_steps · f / f_max`` steps (at least 1), and ``warmup_steps``, ``eval_every`` and
+``save_every`` shrink with it (0, off, stays 0), so every size is seen for the same epochs.
 
 Profile (``params/profiles/<name>.yaml``): flat RunParams keys, then ``study:``::
 
@@ -183,9 +180,7 @@ def _check_keys(mapping: Any, allowed: set[str], source: str, what: str) -> dict
     return mapping
 
 
-# ---------------------------------------------------------------------------------------
-# keys, presets, scales, dependencies
-# ---------------------------------------------------------------------------------------
+# --- keys, presets, scales, dependencies
 def _scale_field(key: str) -> str | None:
     """'learning_rate_scale' -> 'learning_rate' when that is a numeric RunParams key."""
     name = key[: -len("_scale")]
@@ -211,7 +206,7 @@ class _Presets:
         self.presets, self.source = presets, source
 
     def layers(self, mapping: Any, source: str, *, allow_each: bool = False, _seen: tuple = ()) -> list[_Layer]:
-        """A mapping of keys → layers (its presets first, then its own keys)."""
+        """A mapping of keys → layers (its presets first, then its own keys), each key checked."""
         if mapping is None:
             return []
         if not isinstance(mapping, dict):
@@ -283,9 +278,7 @@ def _target_key(name: str, experiment: str) -> str:
     return name if "/" in name else f"{experiment}/{name}"
 
 
-# ---------------------------------------------------------------------------------------
-# groups: the file's, with the profile's overrides
-# ---------------------------------------------------------------------------------------
+# --- groups: the file's, with the profile's overrides
 @dataclass
 class _Group:
     experiment: str
@@ -293,10 +286,17 @@ class _Group:
     spec: dict
     source: str              # "params/03_staged.yaml: groups.staged"
     notebook: Path
+    base: list[_Layer] = field(default_factory=list)      # the base's layers, presets first
+    axes: list[tuple[str, list[tuple[Any, list[_Layer]]]]] = field(default_factory=list)  # [(axis, [(label, layers)])]
 
     @property
     def key(self) -> str:
         return f"{self.experiment}/{self.name}"
+
+    @property
+    def layers(self) -> list[_Layer]:
+        """Every layer of the base and of the axes' labels."""
+        return self.base + [layer for _, labelled in self.axes for _, layers in labelled for layer in layers]
 
 
 def _apply_override(spec: dict, override: dict, source: str, *, global_grid: bool = False) -> dict:
@@ -378,24 +378,38 @@ def _load_groups(project: Path, params_dir: Path, notebooks_dir: Path, study: di
     return groups
 
 
-def _order_groups(groups: list[_Group], presets: _Presets) -> list[_Group]:
+def _axes(group: _Group, presets: _Presets) -> list[tuple[str, list[tuple[Any, list[_Layer]]]]]:
+    """[(axis, [(label, layers)])] for a group's grid."""
+    out = []
+    for axis, values in (group.spec.get("grid") or {}).items():
+        src = f"{group.source}.grid.{axis}"
+        if isinstance(values, dict):  # a named axis: label -> mapping of keys
+            if axis in FIELDS or _scale_field(axis):
+                raise ParamsError(f"{src}: axis '{axis}' is a RunParams key: give a list of values, not a mapping")
+            labelled = values.items()
+        else:
+            if axis not in FIELDS and not _scale_field(axis):
+                coerce_value(axis, None, src)  # raises: unknown key, with a close match
+            labelled = [(v, {axis: v}) for v in (values if isinstance(values, list) else [values])]
+            if not labelled:
+                raise ParamsError(f"{src}: axis '{axis}' has no values")
+        out.append((axis, [(label, presets.layers(mapping or {}, f"{src}.{label}")) for label, mapping in labelled]))
+    return out
+
+
+def _order_groups(groups: list[_Group]) -> list[_Group]:
     """Groups in dependency order (via base, axes and presets), keeping file order where free."""
     keys = {g.key: g for g in groups}
     deps: dict[str, list[str]] = {}
     for group in groups:
-        mappings = [(group.spec.get("base"), f"{group.source}.base", True)]
-        mappings += [(mapping, f"{group.source}.grid.{axis}.{label}", False)
-                     for axis, values in (group.spec.get("grid") or {}).items() if isinstance(values, dict)
-                     for label, mapping in values.items()]
         deps[group.key] = []
-        for mapping, source, allow_each in mappings:
-            for layer in presets.layers(mapping, source, allow_each=allow_each):
-                for key, spec in layer.deps.items():
-                    target = _target_key(spec["group"], group.experiment)
-                    if target not in keys:
-                        raise ParamsError(f"{layer.source}.{key}: depends on group '{spec['group']}', which is not "
-                                          f"in the study (groups: {', '.join(keys)})")
-                    deps[group.key].append(target)
+        for layer in group.layers:
+            for key, spec in layer.deps.items():
+                target = _target_key(spec["group"], group.experiment)
+                if target not in keys:
+                    raise ParamsError(f"{layer.source}.{key}: depends on group '{spec['group']}', which is not "
+                                      f"in the study (groups: {', '.join(keys)})")
+                deps[group.key].append(target)
     done: list[str] = []
     remaining = [g.key for g in groups]
     while remaining:  # Kahn's algorithm
@@ -408,28 +422,7 @@ def _order_groups(groups: list[_Group], presets: _Presets) -> list[_Group]:
     return [keys[k] for k in done]
 
 
-# ---------------------------------------------------------------------------------------
-# expansion
-# ---------------------------------------------------------------------------------------
-def _axes(group: _Group) -> list[tuple[str, list[tuple[Any, Any]]]]:
-    """[(axis, [(label, value or mapping)])] for a group's grid."""
-    out = []
-    for axis, values in (group.spec.get("grid") or {}).items():
-        src = f"{group.source}.grid.{axis}"
-        if isinstance(values, dict):  # a named axis: label -> mapping of keys
-            if axis in FIELDS or _scale_field(axis):
-                raise ParamsError(f"{src}: axis '{axis}' is a RunParams key: give a list of values, not a mapping")
-            out.append((axis, [(label, mapping or {}) for label, mapping in values.items()]))
-        else:
-            if axis not in FIELDS and not _scale_field(axis):
-                coerce_value(axis, None, src)  # raises: unknown key, with a close match
-            vals = values if isinstance(values, list) else [values]
-            if not vals:
-                raise ParamsError(f"{src}: axis '{axis}' has no values")
-            out.append((axis, [(v, {axis: v}) for v in vals]))
-    return out
-
-
+# --- expansion
 def _value_of(run_params: RunParams, labels: Mapping[str, Any], key: str, source: str) -> Any:
     if key in FIELDS:
         return getattr(run_params, key)
@@ -455,17 +448,19 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
     tasks = study.get("tasks") or {}
     for task in tasks:
         coerce_value("task", task, f"{profile_src}: study.tasks")
-    ctx = _Presets(presets, profile_src)
-    profile_layers = ctx.layers(flat, profile_src)
+    presets = _Presets(presets, profile_src)
+    profile_layers = presets.layers(flat, profile_src)
     if any(layer.deps for layer in profile_layers):
         raise ParamsError(f"{profile_src}: a profile's top-level keys cannot depend on runs")
 
-    groups = _order_groups(_load_groups(project, params_dir, notebooks_dir, study, profile_src), ctx)
+    groups = _load_groups(project, params_dir, notebooks_dir, study, profile_src)
+    for group in groups:  # every key of every group checked once, before any run is resolved
+        group.base = presets.layers(group.spec.get("base") or {}, f"{group.source}.base", allow_each=True)
+        group.axes = _axes(group, presets)
     runs_by_group: dict[str, list[Run]] = {}
     all_runs: dict[str, Run] = {}
-    for group in groups:
-        base_layers = ctx.layers(group.spec.get("base") or {}, f"{group.source}.base", allow_each=True)
-        each = [(k, spec, layer.source) for layer in base_layers for k, spec in layer.deps.items() if "each" in spec]
+    for group in _order_groups(groups):
+        each = [(k, spec, layer.source) for layer in group.base for k, spec in layer.deps.items() if "each" in spec]
         if len(each) > 1:
             raise ParamsError(f"{group.source}.base: at most one dependency may use 'each'")
         upstream: list[Run | None] = [None]
@@ -474,27 +469,32 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
             upstream = runs_by_group[_target_key(spec["group"], group.experiment)]
             if not upstream:
                 raise ParamsError(f"{source}.{key}: group '{spec['group']}' has no runs")
-        axes = _axes(group)
         group_runs: list[Run] = []
         for up in upstream:
-            for combo in itertools.product(*[values for _, values in axes]):
-                labels: dict[str, Any] = {}
-                layers = list(base_layers)
-                if up is not None:
-                    key, spec, source = each[0]
-                    copy_keys = spec["each"] if isinstance(spec["each"], list) else [spec["each"]]
-                    copied = _Layer(f"{source}.{key} (each)")
-                    for k in copy_keys:
-                        copied.values[k] = labels[k] = _value_of(up.params, up.labels, k, f"{source}.{key}.each")
-                    # the upstream run's other coordinates, e.g. init_from.sft_loss=tv
-                    labels.update({f"{key}.{k}": v for k, v in up.labels.items() if k not in copy_keys})
-                for (axis, _), (label, mapping) in zip(axes, combo):
+            up_labels: dict[str, Any] = {}
+            copied = []
+            if up is not None:
+                key, spec, source = each[0]
+                copy_keys = spec["each"] if isinstance(spec["each"], list) else [spec["each"]]
+                copied = [_Layer(f"{source}.{key} (each)")]
+                for k in copy_keys:
+                    copied[0].values[k] = up_labels[k] = _value_of(up.params, up.labels, k, f"{source}.{key}.each")
+                # the upstream run's other coordinates, e.g. init_from.sft_loss=tv
+                up_labels.update({f"{key}.{k}": v for k, v in up.labels.items() if k not in copy_keys})
+            for combo in itertools.product(*[labelled for _, labelled in group.axes]):
+                labels, layers = dict(up_labels), list(group.base)
+                for (axis, _), (label, axis_layers) in zip(group.axes, combo):
                     labels[axis] = label
-                    layers += ctx.layers(mapping, f"{group.source}.grid.{axis}.{label}")
-                if up is not None:
-                    layers.append(copied)  # the upstream's values win: a DPO run has its SFT run's task
-                group_runs.append(_resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels,
-                                               up, runs_by_group, project, outputs))
+                    layers += axis_layers
+                layers += copied  # the upstream's values win: a DPO run has its SFT run's task
+                stack = _profile_stack(profile_layers, layers, tasks, presets) + layers
+                params = _apply_scales(resolve_params([(layer.source, layer.values) for layer in stack]
+                                                      + [("study", {"experiment": group.experiment})]), stack)
+                targets = _dependencies(group, stack, params, labels, up, runs_by_group)
+                bound = {key: coerce_value(key, path_for_notebooks(outputs / t.experiment / t.run_id, project), "study")
+                         for key, t in targets.items()}
+                group_runs.append(Run(group.experiment, group.key, replace(params, **bound) if bound else params,
+                                      group.notebook, labels, {key: t.run_id for key, t in targets.items()}))
         design = _train_size_design(group.spec, group.source)
         if design == "fixed_epochs" and group_runs:
             largest = max(r.params.train_size for r in group_runs)
@@ -503,12 +503,9 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
         for run in group_runs:
             if "train_size_design" in group.spec:
                 run.labels["train_size_design"] = design
-            if run.run_id in all_runs:
-                first = all_runs[run.run_id]
-                if group.key != first.group and group.key not in first.also_groups:
-                    first.also_groups.append(group.key)
-            else:
-                all_runs[run.run_id] = run
+            first = all_runs.setdefault(run.run_id, run)
+            if first is not run and group.key != first.group and group.key not in first.also_groups:
+                first.also_groups.append(group.key)
         runs_by_group[group.key] = [all_runs[r.run_id] for r in group_runs]
     jobs = study.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -516,48 +513,38 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
     return Study(list(all_runs.values()), project, outputs, profile_file, jobs)
 
 
-def _resolve_run(group, profile_layers, tasks, ctx, profile_src, layers, labels, up, runs_by_group,
-                 project, outputs) -> Run:
-    """One run's params, resolved once from its layers; dependencies bound to the run
-    directories they match (matched on the params before binding)."""
-    # The task decides which `study.tasks` keys apply: the last layer that sets it wins.
+def _profile_stack(profile_layers: list[_Layer], layers: list[_Layer], tasks: dict, presets: _Presets) -> list[_Layer]:
+    """The profile's layers, then its ``study.tasks`` keys for the task that the last layer setting it names."""
     task = next((layer.values["task"] for layer in reversed(profile_layers + layers) if "task" in layer.values),
                 FIELDS["task"].default)
-    stack = profile_layers + ctx.layers(tasks.get(task), f"{profile_src}: study.tasks.{task}") + layers
-    params = resolve_params([(layer.source, layer.values) for layer in stack]
-                            + [("study", {"experiment": group.experiment})])
-    params = _apply_scales(params, stack)
-    deps: dict[str, str] = {}
-    bound: dict[str, str] = {}
+    return profile_layers + presets.layers(tasks.get(task), f"{presets.source}: study.tasks.{task}")
+
+
+def _dependencies(group: _Group, stack: list[_Layer], params: RunParams, labels: Mapping[str, Any],
+                  up: Run | None, runs_by_group: Mapping[str, list[Run]]) -> dict[str, Run]:
+    """The run each dependency of ``stack`` binds its key to, matched on ``params`` (before binding)."""
+    targets: dict[str, Run] = {}
     for key, (spec, source) in {k: (spec, layer.source) for layer in stack for k, spec in layer.deps.items()}.items():
-        group_key = _target_key(spec["group"], group.experiment)
         if "each" in spec:
-            target = up
-        else:
-            candidates = runs_by_group[group_key]
-            conditions = {k: _value_of(params, labels, k, f"{source}.{key}.match") for k in spec.get("match") or []}
-            for k, v in (spec.get("where") or {}).items():
-                conditions[k] = coerce_value(k, v, f"{source}.{key}.where") if k in FIELDS else v
-            hits = [r for r in candidates
-                    if all(_value_of(r.params, r.labels, k, f"{source}.{key}") == v for k, v in conditions.items())]
-            if len(hits) != 1:
-                want = ", ".join(f"{k}={v}" for k, v in conditions.items()) or "no conditions"
-                problem = "no run" if not hits else f"{len(hits)} runs"
-                raise ParamsError(f"{source}: key '{key}': {problem} of group {group_key} with {want} "
-                                  f"(it has {len(candidates)} runs; check its grid and `match`)")
-            target = hits[0]
-        deps[key] = target.run_id
-        bound[key] = coerce_value(key, path_for_notebooks(outputs / target.experiment / target.run_id, project),
-                                  "study")
-    return Run(group.experiment, group.key, replace(params, **bound) if bound else params, group.notebook, labels,
-               deps)
+            targets[key] = up
+            continue
+        group_key = _target_key(spec["group"], group.experiment)
+        candidates = runs_by_group[group_key]
+        conditions = {k: _value_of(params, labels, k, f"{source}.{key}.match") for k in spec.get("match") or []}
+        for k, v in (spec.get("where") or {}).items():
+            conditions[k] = coerce_value(k, v, f"{source}.{key}.where") if k in FIELDS else v
+        hits = [r for r in candidates
+                if all(_value_of(r.params, r.labels, k, f"{source}.{key}") == v for k, v in conditions.items())]
+        if len(hits) != 1:
+            want = ", ".join(f"{k}={v}" for k, v in conditions.items()) or "no conditions"
+            problem = "no run" if not hits else f"{len(hits)} runs"
+            raise ParamsError(f"{source}: key '{key}': {problem} of group {group_key} with {want} "
+                              f"(it has {len(candidates)} runs; check its grid and `match`)")
+        targets[key] = hits[0]
+    return targets
 
 
 def run_summary(run: Run) -> str:
     """The params that tell runs apart, for humans (`--list`, progress lines)."""
-    p = run.params
-    bits = [f"{k}={v}" for k, v in run.labels.items()]
-    for key in ("objective", "task"):
-        if key not in run.labels:
-            bits.insert(0, f"{key}={getattr(p, key)}")
-    return " ".join(bits)
+    unlabelled = [f"{key}={getattr(run.params, key)}" for key in ("task", "objective") if key not in run.labels]
+    return " ".join(unlabelled + [f"{k}={v}" for k, v in run.labels.items()])
