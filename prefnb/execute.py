@@ -31,9 +31,7 @@ NOTEBOOK = "notebook.ipynb"
 KERNEL_LOG = "kernel.log"  # the kernel process's own stdout/stderr
 
 
-# ---------------------------------------------------------------------------------------
-# locks and run-directory state
-# ---------------------------------------------------------------------------------------
+# --- locks and run-directory state
 def lock_path(study: Study, run: Run) -> Path:
     return study.outputs / ".locks" / f"{run.run_id}.lock"
 
@@ -109,9 +107,8 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def key_metric(run: Run, run_dir: Path) -> str:
-    metrics = read_metrics(run_dir) or {}
     name = run.params.key_metric
-    value = metrics.get(name)
+    value = (read_metrics(run_dir) or {}).get(name)
     return f"{name}={value:.4g}" if isinstance(value, (int, float)) else ""
 
 
@@ -122,9 +119,7 @@ def run_seconds(run_dir: Path) -> float | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------
-# executing one run
-# ---------------------------------------------------------------------------------------
+# --- executing one run
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -144,9 +139,8 @@ def error_line(err: BaseException) -> str:
 
 
 def error_details(err: BaseException) -> str:
-    tb = getattr(err, "traceback", None)
-    if tb:
-        return _ANSI.sub("", "\n".join(tb))
+    if getattr(err, "traceback", None):  # papermill's PapermillExecutionError: the cell's traceback
+        return _ANSI.sub("", "\n".join(err.traceback))
     return "".join(traceback.format_exception(type(err), err, err.__traceback__))
 
 

@@ -1,18 +1,8 @@
 """`prefnb study` and `prefnb run`: execute the study's notebooks with papermill, crash-safely.
 
-The grid (which runs, with which params, depending on which) comes from :mod:`prefnb.grid`;
-one run is executed by :mod:`prefnb.execute`. This module schedules: for each run, in
-dependency order,
-
-1. take the run's lock (``outputs/.locks/<run_id>.lock``, ``fcntl.flock``, non-blocking), so
-   that two processes or machines sharing the outputs folder never run it twice;
-2. reuse the run if ``COMPLETE`` exists; otherwise clear what an earlier, unfinished attempt
-   left (a killed or failed run) and execute the notebook into ``<run_dir>/notebook.ipynb``;
-3. write ``COMPLETE`` last, once the executed notebook is saved and ``metrics.json`` parses.
-
-A run whose notebook raises keeps the executed notebook (with the error) and gets ``FAILED``;
-runs that need it are skipped and the rest go on. SIGKILL at any moment leaves no run that
-looks finished: the next `prefnb study` redoes exactly the unfinished ones.
+This module schedules the runs of :mod:`prefnb.grid` in dependency order, each under its lock,
+so that processes or machines sharing the outputs folder never run one twice; :mod:`prefnb.execute`
+runs one. Finished runs are reused; the runs that need a failed one are skipped, the rest go on.
 """
 
 from __future__ import annotations
@@ -20,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +27,6 @@ from prefnb.rundir import is_finished
 POLL_SECONDS = 5.0
 
 
-# ---------------------------------------------------------------------------------------
-# executing many
-# ---------------------------------------------------------------------------------------
 class _Inline:
     """An executor that runs each job at once in this thread (jobs = 1: Ctrl-C works as usual)."""
 
@@ -72,11 +60,8 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
     def say(text: str) -> None:
         _print(text, file=out)
 
-    outcomes: dict[str, Outcome] = {}
     todo = [r for r in runs if not is_finished(study.run_dir(r))]
-    for r in runs:
-        if r not in todo:
-            outcomes[r.run_id] = Outcome(r, "reused", seconds=run_seconds(study.run_dir(r)))
+    outcomes = {r.run_id: Outcome(r, "reused", seconds=run_seconds(study.run_dir(r))) for r in runs if r not in todo}
     if not todo:
         say(f"all {_n(len(runs), 'run')} already finished: nothing to train")
         return [outcomes[r.run_id] for r in runs]
@@ -87,7 +72,7 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
         return [d for d in run.dep_ids if d in outcomes and outcomes[d].status in ("failed", "skipped")]
 
     pending = list(todo)
-    active: dict[Future, tuple[Run, int, int, str]] = {}   # future -> (run, number, lock fd, label)
+    active: dict[Future, tuple[Run, int, str]] = {}   # future -> (run, lock fd, label)
     counter, waiting_said, stop = 0, False, False
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="prefnb-run") if jobs > 1 else _Inline()
     try:
@@ -117,7 +102,7 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
                     say(f"{label} started")
                 else:
                     _print(f"{label} running …", end=" ", file=out)
-                active[pool.submit(execute_run, run, study, execute)] = (run, counter, fd, label)
+                active[pool.submit(execute_run, run, study, execute)] = (run, fd, label)
                 waiting_said = False
             if not active:
                 if pending and not stop:
@@ -128,7 +113,7 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
                 continue
             done, _ = wait(list(active), timeout=poll, return_when=FIRST_COMPLETED)
             for future in done:
-                run, number, fd, label = active.pop(future)
+                run, fd, label = active.pop(future)
                 try:
                     status, message, seconds = future.result()
                 finally:
@@ -163,26 +148,19 @@ def _n(count: int, noun: str) -> str:
 def summary_table(study: Study, outcomes: list[Outcome]) -> str:
     rows = [("run", "status", "key metric", "time")]
     for o in outcomes:
-        run_dir = study.run_dir(o.run)
-        status = o.status + (f" ({o.message})" if o.message and o.status != "failed" else "")
-        if o.status == "failed":
-            status = f"FAILED: {o.message}"
-        seconds = f"{o.seconds:.1f} s" if o.seconds is not None else ""
+        status = f"FAILED: {o.message}" if o.status == "failed" else o.status + (f" ({o.message})" if o.message else "")
         if len(status) > 72:
             status = status[:71] + "…"
-        rows.append((f"{o.run.experiment}/{o.run.run_id}", status, key_metric(o.run, run_dir), seconds))
+        seconds = f"{o.seconds:.1f} s" if o.seconds is not None else ""
+        rows.append((o.run.key, status, key_metric(o.run, study.run_dir(o.run)), seconds))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
-    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    lines.append(", ".join(f"{n} {s}" for s, n in Counter(o.status for o in outcomes).items()))
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         lines.append("\nfailed runs (the executed notebook and FAILED, with the traceback, are in the run directory):")
-        for o in failed:
-            lines.append(f"  {study.run_dir(o.run)}\n    {o.message}")
+        lines += [f"  {study.run_dir(o.run)}\n    {o.message}" for o in failed]
     return "\n".join(lines)
 
 
@@ -206,15 +184,7 @@ def _print(*args, file: TextIO | None = None, **kw) -> None:
             pass
 
 
-# ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
-def _build_study(args) -> Study:
-    project = Path(args.project) if args.project else find_project()
-    return expand(project, args.profile, outputs=args.outputs, params_dir=args.params_dir,
-                  notebooks_dir=args.notebooks_dir)
-
-
+# --- command line
 def _select(study: Study, args) -> list[Run]:
     if getattr(args, "run_id", None):
         return study.closure([study.find(args.run_id)])
@@ -231,7 +201,8 @@ def _select(study: Study, args) -> list[Run]:
 
 
 def cmd_study(args) -> int:
-    study = _build_study(args)
+    study = expand(Path(args.project) if args.project else find_project(), args.profile, outputs=args.outputs,
+                   params_dir=args.params_dir, notebooks_dir=args.notebooks_dir)
     runs = _select(study, args)
     if args.list:
         list_runs(study, runs)
@@ -278,10 +249,8 @@ def _build_report(study: Study) -> bool:
     except Exception as err:  # noqa: BLE001
         print(f"report: failed: {error_line(err)}", file=sys.stderr)
         return False
-    if isinstance(result, (list, tuple)) and result:
+    if result:
         _print(f"report: {len(result)} files under {Path(os.path.commonpath([str(p) for p in result]))}")
-    elif result:
-        _print(f"report: {result}")
     return True
 
 
