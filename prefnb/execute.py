@@ -190,7 +190,8 @@ def _record(run: Run, study: Study, **extra) -> dict:
     }
 
 
-def execute_run(run: Run, study: Study, execute: Callable[[Run, Study, Path], None] = execute_notebook) -> tuple[str, str, float]:
+def execute_run(run: Run, study: Study,
+                execute: Callable[[Run, Study, Path], None] = execute_notebook) -> tuple[str, str, float]:
     """Execute one run under its lock (held by the caller). Returns (status, message, seconds)."""
     run_dir = study.run_dir(run)
     clear_run_dir(run_dir)

@@ -229,7 +229,8 @@ class _Presets:
                 raise ParamsError(f"{source}: key 'experiment' is set by the study (the experiment file's name)")
             if isinstance(value, dict) and "group" in value:  # a dependency
                 if key not in DEPENDENCY_KEYS:
-                    raise ParamsError(f"{source}: key '{key}' cannot depend on a run (only {', '.join(DEPENDENCY_KEYS)})")
+                    raise ParamsError(f"{source}: key '{key}' cannot depend on a run "
+                                      f"(only {', '.join(DEPENDENCY_KEYS)})")
                 _check_keys(value, DEP_SPEC_KEYS, source, f"the dependency of '{key}'")
                 if "each" in value and not allow_each:
                     raise ParamsError(f"{source}: key '{key}': 'each' is allowed only in a group's base")
@@ -293,11 +294,6 @@ class _Group:
     def key(self) -> str:
         return f"{self.experiment}/{self.name}"
 
-    @property
-    def layers(self) -> list[_Layer]:
-        """Every layer of the base and of the axes' labels."""
-        return self.base + [layer for _, labelled in self.axes for _, layers in labelled for layer in layers]
-
 
 def _apply_override(spec: dict, override: dict, source: str, *, global_grid: bool = False) -> dict:
     """``spec`` with a profile's override applied (a list for a named axis picks its labels)."""
@@ -351,7 +347,8 @@ def _load_groups(project: Path, params_dir: Path, notebooks_dir: Path, study: di
         specs = data.get("groups")
         if not isinstance(specs, dict) or not specs:
             raise ParamsError(f"{src}: key 'groups' must be a mapping of one or more run groups")
-        specs = {name: _check_keys(spec, GROUP_KEYS, f"{src}: groups.{name}", "a group") for name, spec in specs.items()}
+        specs = {name: _check_keys(spec, GROUP_KEYS, f"{src}: groups.{name}", "a group")
+                 for name, spec in specs.items()}
         exp_over = overrides.get(exp) or {}
         if not isinstance(exp_over, dict):
             raise ParamsError(f"{profile_src}: study.experiments.{exp} must be a mapping of group -> override")
@@ -373,7 +370,8 @@ def _load_groups(project: Path, params_dir: Path, notebooks_dir: Path, study: di
             if over.get("skip"):
                 skip.add(name)
             specs[name] = _apply_override(specs[name], over, osrc)
-        groups += [_Group(exp, name, spec, f"{src}: groups.{name}", notebooks_dir / spec.get("notebook", data["notebook"]))
+        groups += [_Group(exp, name, spec, f"{src}: groups.{name}",
+                          notebooks_dir / spec.get("notebook", data["notebook"]))
                    for name, spec in specs.items() if name not in skip]
     return groups
 
@@ -403,7 +401,8 @@ def _order_groups(groups: list[_Group]) -> list[_Group]:
     deps: dict[str, list[str]] = {}
     for group in groups:
         deps[group.key] = []
-        for layer in group.layers:
+        axis_layers = [layer for _, labelled in group.axes for _, layers in labelled for layer in layers]
+        for layer in group.base + axis_layers:
             for key, spec in layer.deps.items():
                 target = _target_key(spec["group"], group.experiment)
                 if target not in keys:
@@ -472,13 +471,12 @@ def expand(project: str | Path, profile: str | Path = "smoke", *, params_dir: st
         group_runs: list[Run] = []
         for up in upstream:
             up_labels: dict[str, Any] = {}
-            copied = []
+            copied: list[_Layer] = []
             if up is not None:
                 key, spec, source = each[0]
                 copy_keys = spec["each"] if isinstance(spec["each"], list) else [spec["each"]]
-                copied = [_Layer(f"{source}.{key} (each)")]
-                for k in copy_keys:
-                    copied[0].values[k] = up_labels[k] = _value_of(up.params, up.labels, k, f"{source}.{key}.each")
+                up_labels = {k: _value_of(up.params, up.labels, k, f"{source}.{key}.each") for k in copy_keys}
+                copied = [_Layer(f"{source}.{key} (each)", values=dict(up_labels))]
                 # the upstream run's other coordinates, e.g. init_from.sft_loss=tv
                 up_labels.update({f"{key}.{k}": v for k, v in up.labels.items() if k not in copy_keys})
             for combo in itertools.product(*[labelled for _, labelled in group.axes]):

@@ -7,6 +7,7 @@ runs one. Finished runs are reused; the runs that need a failed one are skipped,
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -57,9 +58,7 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
     runs are reused, runs locked by another process are waited for, never run twice.
 
     With ``--fail-fast`` nothing new starts after a failure (runs already going finish)."""
-    def say(text: str) -> None:
-        _print(text, file=out)
-
+    say = functools.partial(_print, file=out)
     todo = [r for r in runs if not is_finished(study.run_dir(r))]
     outcomes = {r.run_id: Outcome(r, "reused", seconds=run_seconds(study.run_dir(r))) for r in runs if r not in todo}
     if not todo:
@@ -101,13 +100,14 @@ def run_all(study: Study, runs: list[Run], *, fail_fast: bool = False, out: Text
                 if jobs > 1:
                     say(f"{label} started")
                 else:
-                    _print(f"{label} running …", end=" ", file=out)
+                    say(f"{label} running …", end=" ")
                 active[pool.submit(execute_run, run, study, execute)] = (run, fd, label)
                 waiting_said = False
             if not active:
                 if pending and not stop:
                     if not waiting_said:
-                        say(f"waiting for {_n(len(pending), 'run')} whose run or dependencies are running elsewhere …")
+                        say(f"waiting for {_n(len(pending), 'run')} whose run or dependencies are running "
+                            "elsewhere …")
                         waiting_said = True
                     time.sleep(poll)
                 continue
