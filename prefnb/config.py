@@ -199,7 +199,7 @@ def _yaml_hint(typ: type, value: Any) -> str:
     if typ is int and isinstance(value, str):
         try:
             return f" (YAML reads {value} as a string; write the integer {int(float(value))})"
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or inf
             return ""
     if typ is int and isinstance(value, float) and value.is_integer():
         return f" (write the integer {int(value)})"

@@ -164,12 +164,12 @@ def summary_table(study: Study, outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def list_runs(study: Study, runs: list[Run], out: TextIO | None = None) -> None:
+def list_runs(study: Study, runs: list[Run]) -> None:
     """One tab-separated line per run (id, experiment, status, key params), for schedulers;
     the header goes to stderr, so that `--list | cut -f1` and `--list | wc -l` count runs."""
-    _print("# run_id\texperiment\tstatus\tparams", file=sys.stderr if out is None else out)
+    _print("# run_id\texperiment\tstatus\tparams", file=sys.stderr)
     for run in runs:
-        _print(f"{run.run_id}\t{run.experiment}\t{state(study, run)}\t{run_summary(run)}", file=out)
+        _print(f"{run.run_id}\t{run.experiment}\t{state(study, run)}\t{run_summary(run)}")
 
 
 def _print(*args, file: TextIO | None = None, **kw) -> None:
