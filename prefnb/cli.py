@@ -1,10 +1,7 @@
 """`prefnb` command line: study | run | train | params | data | paper | verify | publish.
 
-Every command's options are defined here; the work is done by the module named in each
-command's help (study/run: :mod:`prefnb.study`, train: :mod:`prefnb.train`, paper/verify:
-:mod:`prefnb.paper`, publish and verify FOLDER: :mod:`prefnb.publish`). Expected errors (bad
-params, bad data, a model that cannot load) are printed as one clear line on stderr with exit
-status 2, without a traceback.
+Every command's options are defined here; the work is done by the module each command's help
+names. Expected errors are printed as one line on stderr, exit status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -33,29 +30,28 @@ class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit status 2."""
 
 
-# ---------------------------------------------------------------------------------------
-# prefnb train
-# ---------------------------------------------------------------------------------------
 def run_train(args) -> int:
-    from prefnb.session import Session
-
+    """Train each run of the sweep and mark it finished; a run that fails part-way is left unmarked."""
     runs = sweep_params(args.files, args.overrides, args.sweeps, profile=args.profile)  # validated before any work
+    from prefnb.session import Session
+    from prefnb.train import train  # heavy imports only once the params are known to be good
+
     session = Session()  # the sweep's runs tokenise, parse and hash their shared inputs once
     for params in runs:
-        metrics = train_and_mark(params, progress=not args.no_progress, session=session)
-        print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("eval/", "test/", "train/loss", "best_step"))},
-                         indent=2))
-        print(f"run directory: {params.resolved_output_dir()}", flush=True)
+        out_dir = params.resolved_output_dir()
+        clear_finished(out_dir)  # a rerun is unfinished until it finishes
+        metrics = train(params, progress=not args.no_progress, session=session)
+        mark_finished(out_dir)
+        shown = {k: v for k, v in metrics.items() if k.startswith(("eval/", "test/", "train/loss", "best_step"))}
+        print(json.dumps(shown, indent=2))
+        print(f"run directory: {out_dir}", flush=True)
     return 0
 
 
 def sweep_params(files, overrides: list[str], sweeps: list[str], *, profile=None) -> list[RunParams]:
     """The runs of ``--sweep key=[v1, v2] ...`` (every combination, in order), each validated
-    like a single run; no sweep gives the one run of ``files`` + ``overrides``.
-
-    Raises ParamsError for a sweep that is not a non-empty list, or whose runs would share a
-    run directory (``output_dir`` set by hand).
-    """
+    like a single run; no sweep gives the one run of ``files`` + ``overrides``. Raises ParamsError
+    for a sweep that is not a non-empty list, or whose runs would share a run directory."""
     axes = []
     for text in sweeps:
         key, values = parse_override(text)
@@ -66,8 +62,7 @@ def sweep_params(files, overrides: list[str], sweeps: list[str], *, profile=None
         axes.append([f"{key}={json.dumps(v)}" for v in values])  # JSON is YAML: the values parse back as given
     runs = [in_project(load_params(files, [*overrides, *combination], profile=profile))
             for combination in itertools.product(*axes)]
-    directories = [params.resolved_output_dir() for params in runs]
-    if len(set(directories)) < len(directories):
+    if len({params.resolved_output_dir() for params in runs}) < len(runs):
         raise ParamsError("--sweep: runs would share a run directory (output_dir is set); leave output_dir "
                           "unset so that each run writes outputs/<experiment>/<run id>")
     return runs
@@ -81,35 +76,9 @@ def in_project(params: RunParams) -> RunParams:
     return dataclasses.replace(params, output_dir=str(params.resolved_output_dir(outputs_dir())))
 
 
-def train_and_mark(params: RunParams, *, progress: bool = True, session=None) -> dict[str, float]:
-    """Train one run and mark it finished; a run that fails part-way is left unmarked.
-    ``session``: shared with the other runs of this process (`prefnb.session`)."""
-    from prefnb.train import train  # heavy imports only once the params are known to be good
-
-    out_dir = params.resolved_output_dir()
-    clear_finished(out_dir)  # a rerun is unfinished until it finishes
-    metrics = train(params, progress=progress, session=session)
-    mark_finished(out_dir)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------
-# prefnb data
-# ---------------------------------------------------------------------------------------
-def summarise(data, data_seed: int) -> list[str]:
-    """A few lines about one loaded task (counts before any train_size / max caps)."""
-    s = data.stats
-    lines = [f"{data.task}:",
-             f"  rows read {s.get('rows_read', 0)}, malformed rows skipped {s.get('rows_skipped', 0)}",
-             f"  split (data_seed {data_seed}): train {s.get('train_split', 0)}, "
-             f"selection {s.get('selection_split', 0)}, report {s.get('report_split', 0)}"]
-    lines += [f"  {name}  sha256 {digest[:12]}" for name, digest in data.source_files.items()]
-    return lines
-
-
 def run_data(args: argparse.Namespace) -> int:
     """Read every file a task needs with the loaders the runs use, so a file that passes here
-    will not fail at the start of a run."""
+    will not fail at the start of a run; print a few lines per task (counts before any caps)."""
     from prefnb.data import load_task, resolve_data_dir
 
     tasks = args.task or list(DATA_TASKS)
@@ -117,25 +86,27 @@ def run_data(args: argparse.Namespace) -> int:
         print(f"data directory: {resolve_data_dir(args.data_dir)}")
     for task in tasks:
         # Validate through RunParams, like a run would (e.g. jsonl without --data-path).
-        params = resolve_params([("prefnb data", {"task": task, "data_dir": args.data_dir,
-                                                  "data_path": args.data_path, "data_seed": args.data_seed})])
-        print("\n".join(summarise(load_task(params), args.data_seed)))
+        data = load_task(resolve_params([("prefnb data", {"task": task, "data_dir": args.data_dir,
+                                                          "data_path": args.data_path, "data_seed": args.data_seed})]))
+        stats = data.stats
+        print(f"{data.task}:",
+              f"  rows read {stats.get('rows_read', 0)}, malformed rows skipped {stats.get('rows_skipped', 0)}",
+              f"  split (data_seed {args.data_seed}): train {stats.get('train_split', 0)}, "
+              f"selection {stats.get('selection_split', 0)}, report {stats.get('report_split', 0)}",
+              *(f"  {name}  sha256 {digest[:12]}" for name, digest in data.source_files.items()), sep="\n")
     return 0
 
 
-# ---------------------------------------------------------------------------------------
-# the parser
-# ---------------------------------------------------------------------------------------
 def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="smoke", help="profile: smoke (default), gpt2, or a YAML path")
-    p.add_argument("--outputs", default=None, metavar="DIR", help="outputs folder (default: <project>/outputs)")
+    p.add_argument("--outputs", metavar="DIR", help="outputs folder (default: <project>/outputs)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
-    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+    p.add_argument("--jobs", "-j", type=int, metavar="N",
                    help="runs at a time in this process (default: the profile's study.jobs, else 1)")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    p.add_argument("--project", default=None, metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--params-dir", default=None, metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--notebooks-dir", default=None, metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--project", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--params-dir", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--notebooks-dir", metavar="DIR", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train and evaluate one run (or a sweep of runs) from params files")
     p.add_argument("files", nargs="*", help="params YAML files, applied in order (after the profile)")
-    p.add_argument("--profile", default=None, help="profile applied first (e.g. smoke, gpt2, or a YAML path)")
+    p.add_argument("--profile", help="profile applied first (e.g. smoke, gpt2, or a YAML path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter (repeatable)")
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=[V1, V2, ...]",
@@ -159,22 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="validate the data files and summarise each task",
                        description="`prefnb data`: check the data files and print a short summary per task.")
-    p.add_argument("--data-dir", default=None, help="study data directory (default: $PREFNB_DATA, then ../shared/data)")
+    p.add_argument("--data-dir", help="study data directory (default: $PREFNB_DATA, then ../shared/data)")
     p.add_argument("--task", action="append", choices=("paraphrase", "sonnets", "jsonl"),
                    help="task to check; repeat for several (default: paraphrase and sonnets)")
-    p.add_argument("--data-path", default=None, help="task jsonl: a JSONL file or a dataset id")
+    p.add_argument("--data-path", help="task jsonl: a JSONL file or a dataset id")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/dev/test split")
     p.set_defaults(func=run_data)
 
     p = sub.add_parser("study", help="run the study: every experiment's notebook over its grid",
                        description=study.__doc__.splitlines()[0])
     _study_options(p)
-    p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
+    p.add_argument("--only", nargs="+", metavar="EXPERIMENT",
                    help="only these experiments (and the runs they depend on)")
     p.add_argument("--list", action="store_true",
                    help="print one tab-separated line per run (id, experiment, status, params) and exit")
-    p.add_argument("--run", dest="run_id", default=None, metavar="RUN_ID",
-                   help="run one run (its unfinished dependencies first)")
+    p.add_argument("--run", dest="run_id", metavar="RUN_ID", help="run one run (its unfinished dependencies first)")
     p.set_defaults(func=study.cmd_study)
     p = sub.add_parser("run", help="run one study run by id (= study --run RUN_ID)")
     p.add_argument("run_id", metavar="RUN_ID")
@@ -182,11 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=study.cmd_study, only=None, list=False)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--outputs", default=None,
+    common.add_argument("--outputs",
                         help=f"the study's outputs folder (default: ${paper.OUTPUTS_ENV} if set, as `prefnb paper` "
                              "sets it for Quarto's pre-render, else outputs/ of the project found from here)")
-    common.add_argument("--paper", default=None,
-                        help="the Quarto project (default: paper/ of the project found from here)")
+    common.add_argument("--paper", help="the Quarto project (default: paper/ of the project found from here)")
     p = sub.add_parser("paper", parents=[common], help="build figures/tables from outputs and render the paper",
                        description=paper.__doc__.split("\n\n")[1])
     p.add_argument("--engine", choices=("auto", "quarto", "pandoc"), default="auto",
@@ -195,15 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=paper.cmd_paper)
     p = sub.add_parser("verify", parents=[common], help="fail if the paper's generated inputs are stale, or (with "
                        "FOLDER) if a published folder does not match its manifest and the outputs it came from")
-    p.add_argument("published", nargs="?", default=None, metavar="FOLDER",
+    p.add_argument("published", nargs="?", metavar="FOLDER",
                    help="a published folder (results/PROFILE) to check instead of the paper")
     p.add_argument("--subset", action="store_true",
                    help="with FOLDER: the outputs may hold some of the published runs (a partial rerun); their eval/ "
                         "and test/ metrics must match")
-    p.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
+    p.add_argument("--html", nargs="?", const="", metavar="FILE",
                    help="also check the rendered paper (default: paper/_output or paper/_preview index.html): every "
                         "figure and table present, every image decodes and loads in headless Chromium (if installed)")
-    p.add_argument("--pdf", nargs="?", const="", default=None, metavar="FILE",
+    p.add_argument("--pdf", nargs="?", const="", metavar="FILE",
                    help="also check the Typst PDF preview (default: paper/_preview/index.pdf): no text outside the "
                         "text area or running into its neighbour (every table fits and is whole), every citation "
                         "resolved")
@@ -211,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="write results/PROFILE from a finished study's outputs, and the README's "
                                        "findings from results/laptop", description=publish.__doc__.splitlines()[0])
     p.add_argument("profile", metavar="PROFILE", help="the profile whose study the outputs hold (e.g. laptop)")
-    p.add_argument("--outputs", default=None, metavar="DIR", help="outputs folder (default: <project>/outputs)")
+    p.add_argument("--outputs", metavar="DIR", help="outputs folder (default: <project>/outputs)")
     p.set_defaults(func=publish.cmd_publish)
     return parser
 
@@ -224,8 +193,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -3,6 +3,7 @@ versions, seed, device, start and end time."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import subprocess
@@ -18,12 +19,10 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "sacreble
 
 def package_versions(names=PACKAGES) -> dict[str, str | None]:
     """Installed version of each distribution in ``names`` (None where it is not installed)."""
-    versions = {}
+    versions = dict.fromkeys(names)
     for name in names:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     return versions
 
 

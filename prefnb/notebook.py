@@ -1,16 +1,8 @@
 """What the study notebooks share: parameters in; a figure and a table out.
 
 A notebook's ``parameters`` cell holds plain values named like :class:`~prefnb.config.RunParams`
-fields; `prefnb study` (papermill) injects the run's fully resolved values after it. The
-notebook then calls::
-
-    params = prefnb.notebook.params_from_namespace(globals())
-    metrics = prefnb.train.train(params, progress=prefnb.notebook.interactive())
-    prefnb.notebook.plot_history(params)
-    prefnb.notebook.metrics_table(params)
-    prefnb.notebook.study_figure(params)
-
-The notebooks share every other cell through one template (``tools/notebooks.py``).
+fields; `prefnb study` (papermill) injects the run's fully resolved values after it. The cells
+that call this module are the template's, ``tools/notebooks.py``.
 """
 
 from __future__ import annotations
@@ -89,13 +81,10 @@ def load_history(params_or_dir) -> "pd.DataFrame":
     return wide.melt(id_vars="step", var_name="metric", value_name="value").dropna()
 
 
-def plot_history(params_or_dir, *, save: bool = True):
+def plot_history(params_or_dir):
     """Training curves with seaborn: the loss, and for preference runs the implicit rewards,
-    log-probs and reward accuracy; dev evaluations as they were logged.
-
-    Saves ``history.png`` in the run directory and shows it; returns the matplotlib figure
-    (None when nothing was logged).
-    """
+    log-probs and reward accuracy; dev evaluations as they were logged. Saves ``history.png``
+    in the run directory and shows it; returns the matplotlib figure (None when nothing was logged)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -116,8 +105,6 @@ def plot_history(params_or_dir, *, save: bool = True):
         ax.legend(fontsize="small", title=None)
     fig.suptitle(run_dir(params_or_dir).name)
     fig.tight_layout()
-    if not save:
-        return fig
     path = run_dir(params_or_dir) / "history.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(fig)  # show the saved file rather than render the figure a second time
@@ -132,9 +119,8 @@ def metrics_table(params: RunParams, metrics: Mapping[str, float] | None = None)
     reference, when those are study runs (directories holding metrics.json)."""
     import pandas as pd
 
-    rows: dict[str, Mapping[str, Any]] = {}
     own = metrics if metrics is not None else read_metrics(run_dir(params))
-    rows["this run"] = own or {}
+    rows: dict[str, Mapping[str, Any]] = {"this run": own or {}}
     for label, source in (("start (init_from)", params.init_from), ("reference", params.reference)):
         other = read_metrics(Path(source)) if source else None
         if other is not None:
@@ -150,13 +136,10 @@ def interactive() -> bool:
 
 def study_figure(params: RunParams) -> list:
     """The figures of this run's experiment (:data:`prefnb.figures.FIGURES`) over the finished
-    runs of the study whose outputs hold this run: the answer to the notebook's question so far.
-
-    Says so, instead of drawing, when no run of a figure has finished yet (this run counts once
-    it is ``COMPLETE``, after its notebook). A figure that cannot be drawn from a partial study
-    is reported on one line and does not fail the run: the study's report draws it again, and
-    fails there, from the whole study.
-    """
+    runs of the study whose outputs hold this run (this one counts once ``COMPLETE``, after its
+    notebook): the answer to the notebook's question so far. A figure that cannot be drawn from
+    a partial study is reported on one line and does not fail the run: the study's report draws
+    it again, and fails there, from the whole study."""
     from prefnb import figures, report
 
     outputs = run_dir(params).resolve().parent.parent

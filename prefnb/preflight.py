@@ -1,24 +1,13 @@
 """Checks that run before a run allocates anything: values the data or the machine cannot serve.
 
-:func:`check` is called once at the top of :func:`prefnb.train.train`, before accelerate,
-the models and the run directory exist. Each failure is a :class:`PreflightError` (a
-:class:`~prefnb.config.ParamsError`: the CLI prints it as one line and exits 2) that names
-the key, the value and what would work, so a bad run never gets as far as a killed process,
-a half-written run directory or an hour of sampling before a mismatch is noticed.
-
-What is checked (everything cheap: configs and tokenizers are read, no weights):
-- the run directory and the cache can be written (a probe file, so root and read-only
-  mounts are caught too);
-- ``precision: bf16`` on a GPU that has no bf16;
-- the data loads (its own errors name file and row) and the training split holds at least
-  one optimizer step's batch;
-- ``max_length`` and ``max_new_tokens`` fit in the starting model's positions;
-- a separate ``reference`` model (hub id, model or run directory) has the policy's tokenizer;
-- ``init_from`` is a finished run's checkpoint.
+:func:`check` runs at the top of :func:`prefnb.train.train`, before accelerate, the models and
+the run directory exist; each failure names the key, the value and what would work (the README's
+"Train one run" lists the checks). Everything here is cheap: configs and tokenizers, no weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -32,10 +21,8 @@ class PreflightError(ParamsError):
 
 def check(params: RunParams, out_dir: Path, cache_dir: Path, session=None):
     """Raise PreflightError (or the loaders' DataError / ModelLoadError) before any work.
-
     Returns the run's task data (`prefnb.data.TaskData`), which the batch check had to load
-    (with ``session``'s parsed files, `prefnb.session`): the run uses it rather than loading
-    it a second time."""
+    (with ``session``'s parsed files): the run uses it rather than loading it a second time."""
     check_writable(out_dir, "output_dir")
     check_writable(cache_dir, "cache_dir")
     check_precision(params)
@@ -44,11 +31,9 @@ def check(params: RunParams, out_dir: Path, cache_dir: Path, session=None):
     return task
 
 
-# ---------------------------------------------------------------------------------------
-# paths
-# ---------------------------------------------------------------------------------------
 def check_writable(path: Path, key: str) -> None:
-    """``path`` is (or can be made as) a folder we can write in: probe its nearest existing folder."""
+    """``path`` is (or can be made as) a folder we can write in: probe its nearest existing folder
+    with a file (so that root and read-only mounts are caught too)."""
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -64,9 +49,6 @@ def check_writable(path: Path, key: str) -> None:
                              "writable folder") from None
 
 
-# ---------------------------------------------------------------------------------------
-# machine
-# ---------------------------------------------------------------------------------------
 def check_precision(params: RunParams) -> None:
     import torch
 
@@ -75,9 +57,6 @@ def check_precision(params: RunParams) -> None:
                              "precision 'fp32' (or 'auto', which picks bf16 only where it is supported)")
 
 
-# ---------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------
 def check_batch(params: RunParams, session=None):
     """The training split must fill one optimizer step without repeating an example in it.
     Returns the loaded task data."""
@@ -94,9 +73,6 @@ def check_batch(params: RunParams, session=None):
     return task
 
 
-# ---------------------------------------------------------------------------------------
-# models: configs and tokenizers only
-# ---------------------------------------------------------------------------------------
 def _config(source: str, session=None):
     """The model config of a model name, hub id, model directory or run directory (None: unknown
     here, e.g. a hub id offline; the model loader then says what is wrong)."""
@@ -105,8 +81,6 @@ def _config(source: str, session=None):
     if source == models.TINY:
         return dict(models.TINY_CONFIG)
     if models.holds_checkpoint(source):
-        import json
-
         ckpt = models.checkpoint_dir(source)
         record = json.loads((ckpt / models.CHECKPOINT_RECORD).read_text())
         if record["kind"] != "full":  # a LoRA adapter: the base's config
@@ -118,12 +92,6 @@ def _config(source: str, session=None):
         return AutoConfig.from_pretrained(models.pretrained_source(source, session)).to_dict()
     except (OSError, ValueError, models.ModelLoadError):
         return None
-
-
-def _positions(config: dict | None) -> int | None:
-    if not config:
-        return None
-    return config.get("n_positions") or config.get("max_position_embeddings")
 
 
 def _tokenizer(source: str):
@@ -146,7 +114,8 @@ def check_model(params: RunParams, session=None) -> None:
     if params.init_from:
         models.checkpoint_dir(params.init_from)  # a clear error when it is not a finished run
     start = params.init_from or params.model
-    positions = _positions(_config(start, session))
+    config = _config(start, session) or {}
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
     if positions is not None:
         if params.max_length > positions:
             raise PreflightError(f"max_length {params.max_length} exceeds the {positions} positions of model "

@@ -1,11 +1,6 @@
-"""Where the project is: every command (study, run, train, paper, verify, params, data) agrees.
-
-The project is the nearest folder, from the working directory upward, that holds both
-``params/`` and ``notebooks/``; outside any project, the checkout the package was installed
-from (an editable install), else the working directory. Its ``outputs/`` and ``paper/`` are
-what `prefnb study` writes and `prefnb paper` / `prefnb verify` read, so a second clone of the
-project, used from inside it, never reads or writes the first one's outputs.
-"""
+"""Where the project is, the same for every command (the README's "The paper" says why): the
+nearest folder, from the working directory upward, that holds ``params/`` and ``notebooks/``;
+outside any project, the checkout the package was installed from, else the working directory."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """The run directory contract (DESIGN.md contract 3): atomic files and the completion marker.
 
-A run is finished exactly when ``<run_dir>/COMPLETE`` exists. Every other file is written
-atomically (temporary file + rename), and the marker is written last, so a run killed at
-any moment — SIGKILL included — never looks finished.
+A run is finished exactly when ``<run_dir>/COMPLETE`` exists; it is written last, so a run
+killed at any moment — SIGKILL included — never looks finished.
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ MARKER = "COMPLETE"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write a file so that ``path`` holds either its old content or all of the new one: the
-    project's one way to write a file atomically. ``write(tmp)`` writes the new content to a
-    temporary file beside ``path`` (same folder, so the rename cannot cross file systems; same
-    suffix, so writers that go by it, e.g. savefig, pick the right format); it is synced to
-    disk, then renamed over ``path``. On any error the temporary file goes and ``path`` is untouched."""
+    """The project's one way to write a file: ``path`` holds either its old content or all of the
+    new one. ``write(tmp)`` writes to a temporary file beside ``path`` (same folder, so the rename
+    cannot cross file systems; same suffix, so writers that go by it, e.g. savefig, pick the right
+    format), which is synced, then renamed over ``path``; on any error ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
@@ -49,8 +47,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> dict | None:
-    """A run directory's metrics.json, or None where it is missing or unreadable (a run
-    still going, or killed mid-write by an older version)."""
+    """A run directory's metrics.json, or None where it is missing or unreadable (a run still
+    going, or killed mid-write by an older version)."""
     try:
         metrics = read_json(Path(run_dir) / "metrics.json")
     except (OSError, ValueError):
