@@ -104,9 +104,8 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", "-j", type=int, metavar="N",
                    help="runs at a time in this process (default: the profile's study.jobs, else 1)")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    p.add_argument("--project", metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--params-dir", metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--notebooks-dir", metavar="DIR", help=argparse.SUPPRESS)
+    for hidden in ("--project", "--params-dir", "--notebooks-dir"):  # hidden: another project's folders
+        p.add_argument(hidden, metavar="DIR", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
