@@ -1,22 +1,10 @@
-"""The study's experiments as the report reads them: one declaration per experiment.
+"""The study's experiments as the report reads them: one declaration per experiment, in :data:`EXPERIMENTS`
+(README, "Adding an experiment": its notebook and its grid are the other two files).
 
-An experiment is three files and nothing else: its notebook (``notebooks/NN_name.ipynb``), its
-grid (``params/NN_name.yaml``: the runs, each with the labels of its grid axes, which the study
-records in the run's ``study.json``) and its declaration here, in :data:`EXPERIMENTS`:
-
-- ``groups``: per group of its grid, the report labels of the group's runs (method, stage,
-  reward, …), a function of the run: its parameters and, over them, the labels of its grid
-  axes as the study recorded them (``init_from.sft_loss``: an axis of the run it starts from);
-  a run the study did not make (no record) gets the labels of its objective only;
-- ``cells`` and ``metrics``: the columns that identify a cell of its grid (seeds are its
-  replicates) and what its per-task tables show, on the report split (``test_quality``: the
-  task's key metric, :mod:`prefnb.metrics`); ``rows`` picks the runs that are cells;
-- ``caption``: of those tables (they are in the paper's appendix);
-- ``question``: the table the paper's main text shows for it, if any (``rows`` of it, ``cells``,
-  ``metrics``, caption); ``figures``: the names of its figures in :mod:`prefnb.figures`;
-  ``numbers``: the numbers the paper's text quotes from it (``{{< var <task>.<name> >}}``).
-
-The comparisons between experiments (the effects, the findings) are in :mod:`prefnb.findings`.
+A group's labels are a function of the run: its parameters and, over them, the labels of its grid axes as the
+study recorded them (``init_from.sft_loss``: an axis of the run it starts from); a run the study did not make
+(no record) gets the labels of its objective only. The comparisons between experiments are in
+:mod:`prefnb.findings`.
 """
 
 from __future__ import annotations
@@ -25,6 +13,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
 from prefnb.objectives import REFERENCE_FREE
@@ -38,13 +27,15 @@ SCENARIOS = {"after_sft": "after SFT", "no_sft": "no SFT", "instruct": "instruct
 _CI = "test split, mean ± 95% t-interval across seeds"
 _TASK_EXTRAS = ("test/f1", "test/chrf_full", "test/chrf_sampled", "test/chrf_full_sampled")
 Labels = Callable[[dict[str, Any]], dict[str, str]]
+Rows = Callable[[pd.DataFrame], pd.DataFrame]
 
 
 @dataclass(frozen=True)
 class Question:
+    """The table the paper's main text shows for an experiment."""
     name: str                     # its table is tbl-q-<name>
     experiments: tuple[str, ...]  # whose runs it shows
-    rows: Callable[[pd.DataFrame], pd.DataFrame] | None
+    rows: Rows | None
     cells: tuple[str, ...]
     metrics: tuple[str, ...]
     caption: str
@@ -52,15 +43,36 @@ class Question:
 
 @dataclass(frozen=True)
 class Experiment:
-    groups: dict[str, Labels]
-    cells: tuple[str, ...]
-    metrics: tuple[str, ...]
-    caption: str
-    rows: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    groups: dict[str, Labels]  # per group of its grid: the report labels of its runs (method, stage, reward, …)
+    cells: tuple[str, ...]     # the columns that identify a cell of its grid (seeds are its replicates)
+    metrics: tuple[str, ...]   # what its per-task tables show (``test_quality``: the task's key metric)
+    caption: str               # of those tables (the paper's appendix)
+    rows: Rows | None = None   # picks the runs that are cells
     question: Question | None = None
-    figures: tuple[str, ...] = field(default=())
-    # the numbers the paper's text quotes from it: (its runs of one task, the task metric's format) → {name: text}
+    figures: tuple[str, ...] = field(default=())  # the names of its figures in prefnb.figures
+    # the numbers the paper's text quotes from it ({{< var <task>.<name> >}}):
+    # (its runs of one task, the task metric's format) → {name: text}
     numbers: Callable[[pd.DataFrame, str], dict[str, Any]] | None = None
+
+
+def runs_of(df: pd.DataFrame, *experiments: str) -> pd.DataFrame:
+    """The runs of these experiments (an empty table, which may lack every column, as it is)."""
+    return df[df["experiment"].isin(experiments)] if len(df) else df
+
+
+def matching(rows: pd.DataFrame, **values: Any) -> pd.DataFrame:
+    """The rows whose columns hold these values (an empty table as it is)."""
+    return rows[np.logical_and.reduce([rows[col] == v for col, v in values.items()])] if len(rows) else rows
+
+
+def preference_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["method"] != "SFT"] if len(rows) else rows  # 04: the stronger reference's SFT runs; 06: none
+
+
+def largest_train_size(rows: pd.DataFrame) -> pd.DataFrame:
+    """The preference runs at each task's largest training fraction."""
+    rows = preference_runs(rows)
+    return rows if not len(rows) else rows[rows["train_size"] == rows.groupby("task")["train_size"].transform("max")]
 
 
 def _scale(value: Any) -> str:
@@ -88,24 +100,15 @@ def _variant(run: dict[str, Any]) -> dict[str, str]:
 
 def _best_beta(rows: pd.DataFrame) -> pd.DataFrame:
     """Each (reward, reference) of the β sweep at its best β, chosen on the selection split."""
-    rows = _preference(rows)
+    rows = preference_runs(rows)
     means = rows.groupby(["task", "reward", "reference_kind", "beta"])["eval_quality"].mean().dropna()
     best = means.groupby(level=[0, 1, 2]).idxmax()
     return rows.set_index(["task", "reward", "reference_kind", "beta"]).loc[list(best)].reset_index()
 
 
-def _largest_size(rows: pd.DataFrame) -> pd.DataFrame:
-    rows = _preference(rows)
-    return rows if not len(rows) else rows[rows["train_size"] == rows.groupby("task")["train_size"].transform("max")]
-
-
-def _preference(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows[rows["method"] != "SFT"] if len(rows) else rows  # 04: the stronger reference's SFT runs; 06: none
-
-
 def _beta_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
     from prefnb.tables import best_cell
-    return {"best_beta": best_cell(_preference(rows), ["reward", "reference_kind", "beta"], fmt)}
+    return {"best_beta": best_cell(preference_runs(rows), ["reward", "reference_kind", "beta"], fmt)}
 
 
 def _cost_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
@@ -119,13 +122,12 @@ def _cost_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
 
 def _variant_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
     from prefnb.tables import best_cell
-    return {"best_variant": best_cell(_largest_size(rows), ["objective", "scenario"], fmt)}
+    return {"best_variant": best_cell(largest_train_size(rows), ["objective", "scenario"], fmt)}
 
 
 def _sft_objective_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
     from prefnb.tables import best_cell, cell_of
-    after = rows[rows["stage"] == "after DPO"] if len(rows) else rows
-    sft = rows[rows["stage"] == "SFT model"] if len(rows) else rows
+    after, sft = matching(rows, stage="after DPO"), matching(rows, stage="SFT model")
     return {"best_sft_objective": best_cell(after, ["sft_objective", "sft_lr_scale"], fmt),
             "irw_sft": cell_of(sft, IRW), "irw_after_dpo": cell_of(after, IRW),
             "irw_after_dpo_total": cell_of(after, IRW_TOTAL)}
@@ -151,7 +153,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         {"strong_reference": _method("SFT"),
          "sweep": lambda run: dict(zip(("method", "reward", "reference_kind"), ("staged", *REWARDS[run["reward"]])))},
         ("reward", "reference_kind", "beta"), ("test_quality", IRW),
-        f"β sweep by reward kind and reference: {_CI}", rows=_preference, figures=("beta",), numbers=_beta_numbers,
+        f"β sweep by reward kind and reference: {_CI}", rows=preference_runs, figures=("beta",), numbers=_beta_numbers,
         question=Question("reference", ("04_reference_strength",), _best_beta, ("reward", "reference_kind", "beta"),
                           ("test_quality", IRW),
                           "Question 2: each reward and reference at its best β (chosen on the selection split)")),
@@ -163,7 +165,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         {"variants": _variant, "scenarios": _variant}, ("scenario", "objective", "train_size"), ("test_quality", IRW),
         f"Preference objectives × scenario × training-set fraction: {_CI}", figures=("variants", "train_size"),
         numbers=_variant_numbers,
-        question=Question("variants", ("06_dpo_variants",), _largest_size, ("scenario", "objective"),
+        question=Question("variants", ("06_dpo_variants",), largest_train_size, ("scenario", "objective"),
                           ("test_quality", IRW),
                           "Question 3: each preference objective from each starting point, at the largest training "
                           "set")),
@@ -177,7 +179,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ("stage", "sft_objective", "sft_lr_scale"), ("test_quality", IRW, IRW_TOTAL),
         f"SFT objective × SFT learning rate: the SFT model and the model after DPO, {_CI}",
         figures=("sft_objectives",), numbers=_sft_objective_numbers,
-        question=Question("sft-objectives", ("07_sft_objectives",), lambda rows: rows[rows["stage"] == "after DPO"],
+        question=Question("sft-objectives", ("07_sft_objectives",), lambda rows: matching(rows, stage="after DPO"),
                           ("sft_objective", "sft_lr_scale"),
                           ("test_quality", IRW, IRW_TOTAL), "Question 4: DPO after each SFT objective and SFT "
                           "learning rate")),

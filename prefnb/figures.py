@@ -1,11 +1,8 @@
-"""The study's figures, drawn with seaborn from the runs table of :mod:`prefnb.report`.
+"""The study's figures, drawn with seaborn from the runs table of :mod:`prefnb.report`, on the report split.
 
-Each figure is a ``Figure(name, experiments, caption, select, draw)``: ``select`` picks its
-rows from the table (empty ⇒ the figure is skipped with a log line), ``draw`` returns a
-matplotlib figure. Every figure shows the report split (``test/…``). Error bars are the
-same 95 % t-intervals over seeds as the tables (:func:`prefnb.tables.t_interval` as
-seaborn's ``errorbar``; seaborn's default would be a bootstrap CI): runs of one cell and
-seed are averaged first (:func:`_seed_means`), and a cell with one seed has no bar.
+Error bars are the tables' 95 % t-intervals over seeds (:func:`prefnb.tables.t_interval` as seaborn's
+``errorbar``; seaborn's default would be a bootstrap CI): runs of one cell and seed are averaged first
+(:func:`_seed_means`), and a cell with one seed has no bar.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from prefnb.experiments import IRW, Q1_EXPERIMENTS, SCENARIOS
+from prefnb.experiments import IRW, Q1_EXPERIMENTS, SCENARIOS, largest_train_size, preference_runs, runs_of
 from prefnb.metrics import TASK_METRIC, spec
 from prefnb.objectives import PREFERENCE_OBJECTIVES, SFT_LOSSES
 from prefnb.tables import t_interval
@@ -32,25 +29,27 @@ log = logging.getLogger(__name__)
 METHODS = ["SFT", "DPO", "staged"]
 SFT_OBJECTIVES = list(SFT_LOSSES)
 SCENARIO_ORDER = list(SCENARIOS.values())
-
-
-def _order(values, preferred) -> list:
-    """Present values in the preferred order, then any others sorted."""
-    present = set(values)
-    return [v for v in preferred if v in present] + sorted(present - set(preferred), key=str)
 AXIS = {"test/accuracy": "test accuracy (fraction correct)", "test/f1": "test F1", "test/chrf": "test chrF (0–100)",
         "test/chrf_full": "test chrF, whole sonnet (0–100)",
         IRW: "test implicit-reward acc. (fraction)"}
+TASK_METRICS = {task: [metric] for task, metric in TASK_METRIC.items()}
 
 
 @dataclass
 class Figure:
+    """``select`` picks its rows from the runs table (empty: the figure is skipped), ``draw`` draws them."""
     name: str
     experiments: tuple[str, ...]
     caption: str
     select: Callable[[pd.DataFrame], pd.DataFrame]
     draw: Callable[[pd.DataFrame], matplotlib.figure.Figure]
     alt: str  # the figure's fig-alt text: what is plotted against what, for a reader who cannot see it
+
+
+def _order(values, preferred) -> list:
+    """Present values in the preferred order, then any others sorted."""
+    present = set(values)
+    return [v for v in preferred if v in present] + sorted(present - set(preferred), key=str)
 
 
 def _ci(data: pd.DataFrame) -> dict:
@@ -62,10 +61,6 @@ def _seed_means(data: pd.DataFrame, keys: list[str], value: str = "value") -> pd
     """One row per (cell, seed): runs of one cell that share a seed are not replicates, so
     they are averaged before the interval over seeds (as :func:`prefnb.tables.paired_t` does)."""
     return data.groupby([*keys, "seed"], as_index=False, dropna=False, observed=True, sort=False)[value].mean()
-
-
-def _of(df: pd.DataFrame, *experiments: str) -> pd.DataFrame:
-    return df[df["experiment"].isin(experiments)].copy() if len(df) else df
 
 
 def _long(data: pd.DataFrame, per_task: dict[str, list[str]]) -> pd.DataFrame:
@@ -83,7 +78,8 @@ def _long(data: pd.DataFrame, per_task: dict[str, list[str]]) -> pd.DataFrame:
 def _finish(g, title: str, data: pd.DataFrame, bars: bool = False):
     if bars:  # scores are ≥ 0: bars start at 0, and an all-zero panel still shows a sane axis
         for ax in g.axes.flat:
-            ax.set_ylim(0, max(ax.get_ylim()[1], 1e-9) if ax.get_ylim()[1] > 1e-9 else 1)
+            top = ax.get_ylim()[1]
+            ax.set_ylim(0, top if top > 1e-9 else 1)
     seeds = data["seed"].nunique()
     ci = "error bars: 95% t-interval over seeds" if seeds >= 2 else "one seed: no error bars"
     g.figure.suptitle(f"{title}\n({seeds} seed{'s' if seeds != 1 else ''}; {ci})", y=1.0, va="bottom")
@@ -92,7 +88,7 @@ def _finish(g, title: str, data: pd.DataFrame, bars: bool = False):
 
 # --- (a) SFT / DPO / staged × FFT / LoRA --------------------------------------------------
 def _methods(df):
-    return _long(_of(df, *Q1_EXPERIMENTS),
+    return _long(runs_of(df, *Q1_EXPERIMENTS),
                  {"paraphrase": ["test/accuracy", "test/f1"], "sonnets": ["test/chrf", "test/chrf_full"]})
 
 
@@ -107,9 +103,7 @@ def draw_methods(data):
 
 # --- (b) β sweep ------------------------------------------------------------------------
 def _beta(df):
-    data = _of(df, "04_reference_strength")
-    data = data[data["method"] != "SFT"] if len(data) else data
-    return _long(data, {t: [m, IRW] for t, m in TASK_METRIC.items()})
+    return _long(preference_runs(runs_of(df, "04_reference_strength")), {t: [m, IRW] for t, m in TASK_METRIC.items()})
 
 
 def draw_beta(data):
@@ -126,12 +120,7 @@ def draw_beta(data):
 
 # --- (c) variants × scenario, (d) train size -------------------------------------------
 def _variants(df):
-    data = _of(df, "06_dpo_variants")
-    data = data[data["method"] != "SFT"] if len(data) else data
-    if len(data):
-        top = data.groupby("task")["train_size"].transform("max")
-        data = data[data["train_size"] == top]
-    return _long(data, {t: [m] for t, m in TASK_METRIC.items()})
+    return _long(largest_train_size(runs_of(df, "06_dpo_variants")), TASK_METRICS)
 
 
 def draw_variants(data):
@@ -145,9 +134,7 @@ def draw_variants(data):
 
 
 def _train_size(df):
-    data = _of(df, "06_dpo_variants")
-    data = data[data["method"] != "SFT"] if len(data) else data
-    return _long(data, {t: [m] for t, m in TASK_METRIC.items()}).assign(
+    return _long(preference_runs(runs_of(df, "06_dpo_variants")), TASK_METRICS).assign(
         train_pct=lambda d: 100 * d["train_size"].astype(float))
 
 
@@ -165,10 +152,9 @@ def draw_train_size(data):
 
 # --- (e) LoRA vs FFT: quality against cost ---------------------------------------------
 def _cost(df):
-    data = _of(df, "05_lora_vs_fft")
+    data = runs_of(df, "05_lora_vs_fft")
     need = ["test_quality", "train/seconds", "peak_memory_mib"]
-    return data.dropna(subset=[c for c in need if c in data] or None) if len(data) and all(
-        c in data for c in need) else data.iloc[0:0]
+    return data.dropna(subset=need) if len(data) and all(c in data for c in need) else data.iloc[0:0]
 
 
 def draw_cost(data):
@@ -203,7 +189,7 @@ def draw_cost(data):
 
 # --- (f) SFT objectives and learning rate → DPO ----------------------------------------
 def _sft_objectives(df):
-    data = _of(df, "07_sft_objectives")
+    data = runs_of(df, "07_sft_objectives")
     if not len(data):
         return data
     parts = []
@@ -258,7 +244,8 @@ FIGURES = [
            "marker per run coloured by fine-tuning method, and a bar chart of training throughput per method."),
     Figure("sft_objectives", ("07_sft_objectives",),
            "SFT objective (f-divergence) and SFT learning rate against the test-split metric after DPO and the "
-           "test-split implicit-reward accuracy of the SFT model and of the DPO model.", _sft_objectives, draw_sft_objectives,
+           "test-split implicit-reward accuracy of the SFT model and of the DPO model.", _sft_objectives,
+           draw_sft_objectives,
            "Bar charts, one panel per measure: for each SFT objective, one bar per SFT learning rate, of the test "
            "score after DPO and the implicit-reward accuracy of the SFT model and of the DPO model."),
 ]

@@ -1,29 +1,24 @@
 """The paper's answers: one row per question and comparison, its verdict read from its interval.
 
-Every row is a paired difference in the task's report metric (``test_quality``) with the 95 %
-t-interval over seeds (:func:`prefnb.tables.paired_t`); the conditions it compares are named
-in the row. Where a row compares a *best* cell, the cell is chosen on the selection split
-(``eval_quality``) and compared on the report split, against the study's default (DPO at its
-default β with the SFT model as reference; DPO among the objectives; the NLL at the profile's
-learning rate among the SFT objectives), or, where the best cell is that default, against the
-runner-up. The floor rows compare SFT with the majority class (paraphrase) and with the
-untrained starting model: ``00_baselines`` where it ran, else the majority class computed
-here from the data (:func:`prefnb.baselines.majority_metrics`).
+Every row is a paired difference in ``test_quality`` with the 95 % t-interval over seeds
+(:func:`prefnb.tables.paired_t`). A *best* cell is chosen on the selection split and compared on the
+report split against the study's default (DPO at its default β with the SFT model as reference; DPO
+among the objectives; the NLL at the profile's learning rate among the SFT objectives), or, where the
+best cell is that default, against the runner-up.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from prefnb import objectives
-from prefnb.experiments import FULL_GRIDS, SCENARIOS, Question
+from prefnb.experiments import FULL_GRIDS, SCENARIOS, Question, largest_train_size, matching, preference_runs, runs_of
 from prefnb.metrics import TASK_METRIC
-from prefnb.tables import (EFFECTS, HEADERS, _effect_rows, _metric_spec, cell, fmt, grid_table, markdown_table,
-                           not_drawn, paired_t)
+from prefnb.tables import (EFFECTS, HEADERS, _effect_rows, _metric_spec, cell, fmt, grid_table, is_missing,
+                           markdown_table, not_drawn, paired_t)
 
 log = logging.getLogger(__name__)
 NONE = (float("nan"),) * 3 + (0, 0)
@@ -50,7 +45,7 @@ def _contrast(treat: pd.DataFrame, ctrl: pd.DataFrame, on: list[str]) -> tuple:
         return NONE
     c = ctrl.groupby(on, dropna=False)["test_quality"].mean().rename("control").reset_index()
     pairs = treat.merge(c, on=on)
-    return paired_t(pairs["test_quality"] - pairs["control"], pairs["seed"]) if len(pairs) else NONE
+    return paired_t(pairs["test_quality"] - pairs["control"], pairs["seed"])
 
 
 def _label(key) -> str:
@@ -63,13 +58,12 @@ def _best_against(rows: pd.DataFrame, by: list[str], default: tuple | None, on: 
     means = rows.groupby(by, dropna=False)["eval_quality"].mean().dropna() if len(rows) else pd.Series(dtype=float)
     if len(means) < 2:
         return "fewer than two cells ran", NONE
-    ranked = means.sort_values(ascending=False, kind="stable").index
-    best = ranked[0] if len(by) > 1 else (ranked[0],)
-    keys = [k if isinstance(k, tuple) else (k,) for k in ranked]
-    other = default if default in keys and default != tuple(best) else keys[1]
-    pick = lambda key: rows[np.logical_and.reduce([rows[c] == v for c, v in zip(by, key)])]  # noqa: E731
+    keys = [k if isinstance(k, tuple) else (k,) for k in means.sort_values(ascending=False, kind="stable").index]
+    best = keys[0]
+    other = default if default in keys and default != best else keys[1]
     role = "default" if other == default else "runner-up"
-    return f"best ({_label(best)}) − {role} ({_label(other)})", _contrast(pick(best), pick(other), on)
+    return (f"best ({_label(best)}) − {role} ({_label(other)})",
+            _contrast(matching(rows, **dict(zip(by, best))), matching(rows, **dict(zip(by, other))), on))
 
 
 def _default_beta(rows: pd.DataFrame) -> float | None:
@@ -82,24 +76,21 @@ def _default_beta(rows: pd.DataFrame) -> float | None:
 def floor(df: pd.DataFrame, data_majority=None) -> dict[str, pd.DataFrame]:
     """Per task, the floor rows (columns: baseline, test_quality, seed): the zero-shot starting
     model(s) of 00_baselines, and the majority class (00's, else ``data_majority(task_rows)``)."""
-    out = {}
-    base = df[df["experiment"] == "00_baselines"] if len(df) else df
+    out, columns = {}, ["baseline", "task", "test_quality", "seed"]
     for task in TASK_METRIC:
-        parts = []
-        b = base[base["task"] == task] if len(base) else base
+        parts, b, runs = [], matching(df, experiment="00_baselines", task=task), matching(df, task=task)
         if len(b):
             start = b["starting_model"].replace("", "base")
             parts.append(b.assign(baseline="zero-shot " + start + " model (" + b["model"].astype(str) + ")"))
             if "test/majority_accuracy" in b and b["test/majority_accuracy"].notna().any():
                 m = b.dropna(subset=["test/majority_accuracy"]).iloc[:1]
                 parts.append(m.assign(baseline="majority class", test_quality=m["test/majority_accuracy"]))
-        elif task == "paraphrase" and len(df) and (df["task"] == task).any():
-            value = (data_majority or majority_from_data)(df[df["task"] == task])
+        elif task == "paraphrase" and len(runs):
+            value = (data_majority or majority_from_data)(runs)
             if value is not None:
                 parts.append(pd.DataFrame({"baseline": ["majority class"], "test_quality": [value], "seed": [0],
                                            "task": [task]}))
-        out[task] = (pd.concat(parts, ignore_index=True)[["baseline", "task", "test_quality", "seed"]]
-                     if parts else pd.DataFrame(columns=["baseline", "task", "test_quality", "seed"]))
+        out[task] = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
     return out
 
 
@@ -111,7 +102,7 @@ def majority_from_data(rows: pd.DataFrame) -> float | None:
     from prefnb.config import RunParams
 
     row = rows.sort_values("run_id").iloc[0].to_dict()
-    fields = {k: row[k] for k in RunParams.__dataclass_fields__ if k in row and not _missing(row[k])}
+    fields = {k: row[k] for k in RunParams.__dataclass_fields__ if k in row and not is_missing(row[k])}
     try:
         params = RunParams(**{**fields, "train_size": 1.0, "max_train_examples": 0})
         return majority_metrics(data_lib.load_task(params)).get("test/majority_accuracy")
@@ -120,62 +111,47 @@ def majority_from_data(rows: pd.DataFrame) -> float | None:
         return None
 
 
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v))
-
-
 def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict]:
     """(the findings table, its numbers for the text: findings.<key>.<task>.{text, verdict, …},
     and ``not_made``: [[question, comparison, task]] of the comparisons without paired runs, which
     :func:`findings_markdown` names under the table); ``floors``: :func:`floor`'s."""
-    of = (lambda exp: df[df["experiment"] == exp]) if len(df) else (lambda exp: df)
     rows, numbers = [], {"not_made": []}
 
     def add(question: str, key: str, comparison: str, task: str, stats: tuple) -> None:
         spec = _metric_spec("test_quality", task)[1]
         m, lo, hi, pairs, seeds = stats
+        difference, said = fmt(m, spec, True), verdict(stats, spec)
         interval = f"[{fmt(lo, spec, True)}, {fmt(hi, spec, True)}]" if seeds > 1 else "n/a"
-        said = verdict(stats, spec)
         numbers.setdefault(key, {})[task] = {
-            "comparison": comparison, "difference": fmt(m, spec, True), "interval": interval, "seeds": seeds,
-            "verdict": said, "text": f"{comparison}: {fmt(m, spec, True)}, 95% t-interval {interval}; {said}"
+            "comparison": comparison, "difference": difference, "interval": interval, "seeds": seeds,
+            "verdict": said, "text": f"{comparison}: {difference}, 95% t-interval {interval}; {said}"
             if pairs else f"{comparison}: {said}"}
         if pairs:
-            rows.append(dict(zip(COLUMNS, [question, comparison, task, fmt(m, spec, True), interval, seeds, said])))
+            rows.append(dict(zip(COLUMNS, [question, comparison, task, difference, interval, seeds, said])))
         else:  # a profile that leaves an experiment out (the laptop's) says so under the table
             numbers["not_made"].append([question, comparison.split(":")[0], task])
 
-    sft = of("01_sft")
     for task in TASK_METRIC:
-        t_sft = sft[sft["task"] == task] if len(sft) else sft
-        f = floors[task]
+        t_sft, f = matching(df, experiment="01_sft", task=task), floors[task]
         for key, name, prefix in (("sft_vs_majority", "majority class", "majority class"),
                                   ("sft_vs_zero_shot", "zero-shot base model", "zero-shot base "))[
                                       task != "paraphrase":]:  # a majority class exists for the classification task
             ctrl = f[f["baseline"].str.startswith(prefix)].drop(columns="seed")
             add("floor", key, f"SFT − {name}", task, _contrast(t_sft, ctrl, ["task"]))
-        for key in ("staged_vs_sft", "dpo_vs_sft", "lora_vs_fft"):
-            desc, treat, ctrl, keys = EFFECTS[key]
-            pairs = _effect_rows(df, treat, ctrl, keys) if len(df) else pd.DataFrame()
-            pairs = pairs[pairs["task"] == task].dropna(subset=["diff"]) if len(pairs) else pairs
-            add("Q1", key, desc, task, paired_t(pairs["diff"], pairs["seed"]) if len(pairs) else NONE)
-        sweep = of("04_reference_strength")
-        sweep = sweep[(sweep["method"] != "SFT") & (sweep["task"] == task)] if len(sweep) else sweep
-        default = ("dpo", "SFT model", _default_beta(sweep)) if len(sweep) else None
-        comparison, stats = _best_against(sweep, ["reward", "reference_kind", "beta"], default, ["task", "seed"])
+        for key, (desc, treat, ctrl, keys) in EFFECTS.items():
+            pairs = matching(_effect_rows(df, treat, ctrl, keys), task=task).dropna(subset=["diff"])
+            add("Q1", key, desc, task, paired_t(pairs["diff"], pairs["seed"]))
+        sweep = matching(preference_runs(runs_of(df, "04_reference_strength")), task=task)
+        comparison, stats = _best_against(sweep, ["reward", "reference_kind", "beta"],
+                                          ("dpo", "SFT model", _default_beta(sweep)), ["task", "seed"])
         add("Q2", "best_beta", "(reward, reference, β): " + comparison, task, stats)
-        variants = of("06_dpo_variants")
-        variants = variants[(variants["method"] != "SFT") & (variants["task"] == task)] if len(variants) else variants
-        if len(variants):
-            variants = variants[variants["train_size"] == variants["train_size"].max()]
+        variants = matching(largest_train_size(runs_of(df, "06_dpo_variants")), task=task)
         for scenario, label in SCENARIOS.items():
-            v = variants[variants["scenario"] == label] if len(variants) else variants
-            comparison, stats = _best_against(v, ["objective"], ("dpo",), ["task", "seed"])
+            comparison, stats = _best_against(matching(variants, scenario=label), ["objective"], ("dpo",),
+                                              ["task", "seed"])
             add("Q3", f"best_objective_{scenario}", f"objective, {label}: " + comparison, task, stats)
-        obj = of("07_sft_objectives")
-        after = obj[(obj["stage"] == "after DPO") & (obj["task"] == task)] if len(obj) else obj
-        comparison, stats = _best_against(after, ["sft_objective", "sft_lr_scale"], ("kl", "1×"),
-                                          ["task", "seed"])
+        after = matching(runs_of(df, "07_sft_objectives"), stage="after DPO", task=task)
+        comparison, stats = _best_against(after, ["sft_objective", "sft_lr_scale"], ("kl", "1×"), ["task", "seed"])
         add("Q4", "best_sft_objective", "(SFT objective, learning rate) → DPO: " + comparison, task, stats)
     return pd.DataFrame(rows, columns=COLUMNS), numbers
 
@@ -198,9 +174,7 @@ def findings_markdown(table: pd.DataFrame, not_made: list[list[str]] = ()) -> st
             f"the selection split{missing} {{#tbl-findings}}\n")
 
 
-# ---------------------------------------------------------------------------------------
-# one table per question (the main text; every cell of every grid is in the appendix)
-# ---------------------------------------------------------------------------------------
+# --- one table per question (the main text; every cell of every grid is in the appendix)
 def _floor_rows(f: pd.DataFrame, columns: list[str], task: str) -> list[dict]:
     name, spec = _metric_spec("test_quality", task)
     out = []
@@ -213,22 +187,22 @@ def _floor_rows(f: pd.DataFrame, columns: list[str], task: str) -> list[dict]:
 
 def question_table(df: pd.DataFrame, question: Question, floors: dict[str, pd.DataFrame]) -> str:
     """The markdown of one question's table (test split, mean ± 95 % t-interval over seeds)."""
-    name, experiments, select, keys, metrics, caption = (question.name, question.experiments, question.rows,
-                                                         list(question.cells), list(question.metrics), question.caption)
-    sub = df[df["experiment"].isin(experiments)] if len(df) else df
-    sub = select(sub) if select is not None and len(sub) else sub
+    name, caption = question.name, question.caption
+    sub = runs_of(df, *question.experiments)
+    sub = question.rows(sub) if question.rows is not None and len(sub) else sub
+    tasks = sorted(sub["task"].unique()) if len(sub) else []
     parts = []
-    for task in sorted(sub["task"].unique()) if len(sub) else []:
-        table = grid_table(sub[sub["task"] == task], keys, metrics, task)
+    for task in tasks:
+        table = grid_table(sub[sub["task"] == task], list(question.cells), list(question.metrics), task)
         if name == "methods" and len(floors.get(task, ())):
             table = pd.concat([pd.DataFrame(_floor_rows(floors[task], list(table.columns), task)), table])
         parts.append(table.fillna("").assign(task=task))
     if not parts:
-        runs = ", ".join(f"`{e}`" for e in experiments)
+        runs = ", ".join(f"`{e}`" for e in question.experiments)
         return not_drawn(f"tbl-q-{name}", caption, f"No finished runs of {runs} in these outputs.")
     table = pd.concat(parts, ignore_index=True).fillna("")
-    cells = [HEADERS.get(k, k) for k in keys if HEADERS.get(k, k) in table]
-    first = [_metric_spec("test_quality", t)[0] for t in sorted(sub["task"].unique())]  # the task metrics lead
+    cells = [HEADERS.get(k, k) for k in question.cells if HEADERS.get(k, k) in table]
+    first = [_metric_spec("test_quality", t)[0] for t in tasks]  # the task metrics lead
     table = table[["task", *cells, *first] + [c for c in table.columns if c not in ("task", "seeds", *cells, *first)]
                   + ["seeds"]]
     return markdown_table(table) + f"\n: {caption}; test split, mean ± 95% t-interval across seeds {{#tbl-q-{name}}}\n"

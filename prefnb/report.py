@@ -1,32 +1,18 @@
 """Outputs → one tidy table of finished runs → tables, numbers and figures for the paper.
 
-``collect_runs`` reads every finished run directory (``outputs/<experiment>/<run_id>/`` with
-the ``COMPLETE`` marker, contract 3) into one row: experiment, run id, every resolved
-parameter, every metric, the run's grid group and axis labels (the study's ``study.json``, or a
-``labels.json``) and its report labels (method, reference kind, scenario, …), which its
-experiment's declaration in :mod:`prefnb.experiments` reads from those grid labels.
-
-``build_report`` writes, under ``outputs/report/``:
-
-- ``runs.csv`` / ``runs.parquet``   the table;
-- ``tables/*.md|csv``              per-experiment mean ± 95 % t-interval across seeds, paired effects;
-- ``numbers.json``, ``_variables.yml`` every number the paper's text quotes (Quarto ``var``);
-- ``sections/*.md``                the results block of each experiment (its figures);
-- ``tables/q-*.md``, ``tables/findings.md``, ``appendix.md`` one table per question, the findings
-                                    (:mod:`prefnb.findings`), every grid (the paper's appendix);
-- ``figures/*.png|svg``            the study's figures (``prefnb.figures``).
-
-Everything except the figures is a pure function of the table, so ``prefnb verify`` can
-rebuild it in memory (``build_text_artifacts``) and compare with what the paper used.
-Statistics and tables live in :mod:`prefnb.tables`, figures in :mod:`prefnb.figures`, metric
-names, labels and directions in :mod:`prefnb.metrics`.
+``collect_runs`` reads every finished run directory (``outputs/<experiment>/<run_id>/`` with the ``COMPLETE``
+marker) into one row: its parameters, metrics, grid labels (``study.json`` or a ``labels.json``) and report
+labels (:mod:`prefnb.experiments`). ``build_report`` writes ``outputs/report/``: ``runs.csv|parquet``,
+``tables/`` (per-experiment grids, paired effects, one table per question, the findings), ``numbers.json`` and
+``_variables.yml`` (every number the text quotes), ``sections/``, ``appendix.md`` and ``figures/``. Everything
+but the figures is a pure function of the table, so ``prefnb verify`` rebuilds it in memory
+(``build_text_artifacts``) and compares it with what the paper used.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +20,32 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from prefnb.experiments import EXPERIMENTS, FULL_GRIDS, Q1_EXPERIMENTS, run_labels
+from prefnb.experiments import (EXPERIMENTS, FULL_GRIDS, Q1_EXPERIMENTS, matching, preference_runs,
+                                 run_labels, runs_of)
 from prefnb.findings import findings, findings_markdown, floor, question_table
 from prefnb.rundir import MARKER
 from prefnb.metrics import TASK_METRIC, key_metric, report_twin
-from prefnb.tables import (EFFECTS, _metric_spec, cell, effects, fmt, markdown_table, not_drawn, operating_points,
-                           settings_table, summary_table)
+from prefnb.tables import (_metric_spec, effects, is_missing, markdown_table, not_drawn, operating_points,
+                           settings_table, summary_table, values_text)
 
 log = logging.getLogger(__name__)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads hundreds of params files fast
 
 REPORT_DIR = "report"
-# ---------------------------------------------------------------------------------------
-# the runs table
-# ---------------------------------------------------------------------------------------
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _read_labels(run_dir: Path) -> dict[str, Any]:
     """Grid labels of a run: the study runner's record (``study.json``: group, axis labels,
     profile) and/or a ``labels.json`` (a flat mapping, or {"labels": {...}, ...})."""
     out: dict[str, Any] = {}
     for name in ("study.json", "labels.json"):
-        path = run_dir / name
-        if not path.is_file():
+        if not (run_dir / name).is_file():
             continue
-        data = json.loads(path.read_text())
+        data = _json(run_dir / name)
         if name == "study.json":
             data = {"group": data.get("group"), "profile": Path(str(data.get("profile") or "")).stem or None,
                     **(data.get("labels") or {})}
@@ -83,10 +72,7 @@ def collect_runs(outputs_root: str | Path, *, save: bool = True) -> pd.DataFrame
             log.debug("skipping unfinished run %s", run_dir)
             continue
         params = yaml.load(params_path.read_text(), Loader=_Loader) or {}
-        metrics_path = run_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        manifest_path = run_dir / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        metrics, manifest = _json(run_dir / "metrics.json"), _json(run_dir / "manifest.json")
         row = {"experiment": run_dir.parent.name, "run_id": run_dir.name, **params,
                **_scalar_metrics(metrics), **_read_labels(run_dir),
                "device": manifest.get("device"), "code_version": manifest.get("code_version")}
@@ -106,7 +92,7 @@ def runs_csv(df: pd.DataFrame) -> str:
 
 
 def _tuning(r: Any) -> str:
-    return "FFT" if not r or (isinstance(r, float) and math.isnan(r)) or int(r) == 0 else f"LoRA r={int(r)}"
+    return "FFT" if not r or is_missing(r) or int(r) == 0 else f"LoRA r={int(r)}"
 
 
 def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -124,7 +110,7 @@ def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(["experiment", "run_id"], kind="stable").reset_index(drop=True)
     grid = [c for c in df.columns if c.startswith("label_")]
     labels = [run_labels(row["experiment"], row.get("label_group"),
-                         {**row, **{c[len("label_"):]: row[c] for c in grid if not _missing(row[c])}})
+                         {**row, **{c[len("label_"):]: row[c] for c in grid if not is_missing(row[c])}})
               for row in df.to_dict("records")]
     df = pd.concat([df, pd.DataFrame(labels, index=df.index)], axis=1)
     df["tuning"] = df["lora_r"].map(_tuning)
@@ -138,10 +124,6 @@ def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
     for column, names in (("eval_quality", df["selection_metric"]), ("test_quality", df["metric"])):
         df[column] = [float(row[m]) if m in row and row[m] is not None else np.nan for m, row in zip(names, records)]
     return df
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def profile_of(df: pd.DataFrame) -> str:
@@ -158,49 +140,41 @@ def profile_of(df: pd.DataFrame) -> str:
     return "custom (" + ", ".join(sorted(models)) + ")"
 
 
-# ---------------------------------------------------------------------------------------
-# numbers quoted in the text
-# ---------------------------------------------------------------------------------------
+# --- numbers quoted in the text
 TRAIN_SIZE_DESIGNS = {  # prefnb.grid: train_size_design
     "fixed_epochs": "fixed epochs (the step budget shrinks with the training fraction, at least one step)",
     "fixed_steps": "fixed steps (every training fraction gets the same number of steps)",
 }
 
 
-def _values_of(rows: pd.DataFrame, column: str, spec: str = "g") -> str:
-    vals = sorted(rows[column].dropna().unique()) if column in rows and len(rows) else []
-    return ", ".join(format(v, spec) if isinstance(v, (int, float, np.number)) else str(v) for v in vals) or "none"
-
-
 def _design(df: pd.DataFrame) -> dict[str, str]:
     """The protocol facts the methods quote, read from the runs (not typed into the paper)."""
-    of = (lambda exp: df[df["experiment"] == exp]) if len(df) else (lambda exp: df)
-    variants, sweep = of("06_dpo_variants"), of("04_reference_strength")
-    sweep = sweep[sweep["method"] != "SFT"] if len(sweep) else sweep
+    variants, sweep = runs_of(df, "06_dpo_variants"), preference_runs(runs_of(df, "04_reference_strength"))
     designs = variants["label_train_size_design"].dropna().unique() if "label_train_size_design" in variants else []
-    pref = variants[variants["method"] != "SFT"] if len(variants) else variants
-    sft07 = of("07_sft_objectives")
-    sft07 = sft07[sft07["method"] == "SFT"] if len(sft07) else sft07
+    pref, sft07 = preference_runs(variants), matching(runs_of(df, "07_sft_objectives"), method="SFT")
 
     def count(rows: pd.DataFrame, col: str) -> int:
         return int(rows[col].replace("", np.nan).nunique()) if col in rows and len(rows) else 0
+
+    def listed(rows: pd.DataFrame, col: str) -> str:
+        return (values_text(rows[col]) if col in rows and len(rows) else "") or "none"
     tasks = sorted(df["task"].dropna().unique()) if len(df) else []
     return {"train_size": "; ".join(TRAIN_SIZE_DESIGNS.get(d, d) for d in sorted(designs)) or "not recorded",
-            "train_fractions": _values_of(variants, "train_size"), "betas": _values_of(sweep, "beta"),
+            "train_fractions": listed(variants, "train_size"), "betas": listed(sweep, "beta"),
             "n_betas": count(sweep, "beta"), "n_tasks": len(tasks), "tasks": ", ".join(tasks) or "none",
             "n_objectives": count(pref, "objective"), "n_scenarios": count(pref, "scenario"),
             "n_train_sizes": count(pref, "train_size"), "n_sft_objectives": count(sft07, "sft_objective"),
             "n_sft_learning_rates": count(sft07, "learning_rate"),
-            "n_depths": count(of("05_lora_vs_fft"), "max_steps")}
+            "n_depths": count(runs_of(df, "05_lora_vs_fft"), "max_steps")}
 
 
 def conditions(df: pd.DataFrame) -> dict[str, bool]:
     """What these runs hold, as the paper's ``when-meta`` conditions (``_generated/metadata.yml``):
     a profile that leaves an experiment out (the laptop's) shows one line instead of its section."""
     ran = set(df["experiment"]) if len(df) else set()
-    q1 = df[df["experiment"].isin(Q1_EXPERIMENTS)] if len(df) else df
+    q1 = runs_of(df, *Q1_EXPERIMENTS)
     meta = {f"ran_{exp}": exp in ran for exp in EXPERIMENTS if exp != "00_baselines"}
-    meta.update({f"ran_q1_{task}": bool(len(q1)) and bool((q1["task"] == task).any()) for task in TASK_METRIC})
+    meta.update({f"ran_q1_{task}": bool(len(matching(q1, task=task))) for task in TASK_METRIC})
     meta["ran_lora_and_fft"] = bool(len(q1)) and bool((q1["lora_r"] > 0).any() and (q1["lora_r"] == 0).any())
     meta["ran_every_experiment"] = all(meta.values())
     return meta
@@ -208,7 +182,7 @@ def conditions(df: pd.DataFrame) -> dict[str, bool]:
 
 def _scope(df: pd.DataFrame, design: dict[str, Any], meta: dict[str, bool]) -> tuple[str, str]:
     """The abstract's sentences on what this version of the study runs, and what it leaves out."""
-    q1 = df[df["experiment"].isin(Q1_EXPERIMENTS)] if len(df) else df
+    q1 = runs_of(df, *Q1_EXPERIMENTS)
     tasks = ", ".join(sorted(q1["task"].unique())) if len(q1) else "none"
     tuning = ("full fine-tuning and LoRA" if meta["ran_lora_and_fft"] else
               "LoRA" if len(q1) and (q1["lora_r"] > 0).any() else "full fine-tuning")
@@ -248,19 +222,15 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
     }
     n["design"]["scope"], n["design"]["left_out"] = _scope(df, n["design"], conditions(df))
     for task in TASK_METRIC:
-        spec = _metric_spec("test_quality", task)[1]
-        t = df[df["task"] == task] if len(df) else df
-        n[task] = {"metric": _metric_spec("test_quality", task)[0],
-                   "selection_metric": _metric_spec("eval_quality", task)[0]}
+        metric, spec = _metric_spec("test_quality", task)
+        n[task] = {"metric": metric, "selection_metric": _metric_spec("eval_quality", task)[0]}
         for exp, declared in EXPERIMENTS.items():  # each experiment's own quoted numbers
             if declared.numbers is not None:
-                n[task].update(declared.numbers(t[t["experiment"] == exp] if len(t) else t, spec))
+                n[task].update(declared.numbers(matching(df, task=task, experiment=exp), spec))
     return n
 
 
-# ---------------------------------------------------------------------------------------
-# the paper's generated inputs
-# ---------------------------------------------------------------------------------------
+# --- the paper's generated inputs
 def _slug(name: str) -> str:
     return name.split("_", 1)[-1].replace("_", "-")
 
@@ -324,17 +294,14 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
         + markdown_table(settings[["experiment"] + [c for c in settings if c not in training]]) + "\n: Fine-tuning, "
         "β and data settings of the same runs {#tbl-settings-data}\n") if len(settings) else (
         "::: {.callout-note}\nNo finished runs: no settings to list.\n:::\n")
-    eff, eff_numbers = effects(df) if len(df) else (pd.DataFrame(), {k: {} for k in EFFECTS})
+    eff, eff_numbers = effects(df)  # every effect's numbers, "n/a" where there are no pairs
+    eff = eff if len(df) else pd.DataFrame()  # no runs: an effects.csv without a header
     files["tables/effects.csv"] = eff.to_csv(index=False, lineterminator="\n")
     files["tables/effects.md"] = (markdown_table(eff) + "\n: Paired effects on the test split: mean difference in "
                                   "the task metric (pairs share task, fine-tuning and seed; pairs of one seed averaged "
                                   "first), 95% t-interval over seeds {#tbl-effects}\n") if len(eff) else (
         not_drawn("tbl-effects", "Paired effects on the test split",
                   "No paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged)."))
-    for task in TASK_METRIC:
-        for name in EFFECTS:
-            eff_numbers.setdefault(name, {}).setdefault(task, {"mean": "n/a", "low": "n/a", "high": "n/a", "n": 0,
-                                                               "seeds": 0, "text": "n/a (no paired runs)"})
     nums = numbers(df, eff_numbers)
     nums["runs"]["other"] = other
     nums["findings"] = found_numbers

@@ -1,15 +1,8 @@
 """Statistics and tables of the runs table: mean ± 95 % t-interval across seeds, paired effects.
 
-Splits (DESIGN.md): ``eval/…`` metrics are the selection split (the best checkpoint of a
-run, and the best cell of a grid, are chosen on it); ``test/…`` metrics are the report
-split. Every table, figure and number of the paper shows ``test/…`` only; the selection
-metric appears only where it says what was selected.
-
-Intervals: seeds are the replicates. A cell's interval is the 95 % t-interval of the mean
-over seeds. An effect is a paired difference (same task, fine-tuning and seed); where
-several pairs share a seed (an effect pooled over strata) they are averaged within the
-seed first, and the interval is the t-interval of the per-seed means. One seed gives no
-interval, anywhere (figures included: :func:`t_interval` is their error bar).
+Every table, figure and number shows the report split (``test/…``; the selection split ``eval/…`` only
+where it says what was selected: README, "The paper"). One seed gives no interval, anywhere (figures
+included: :func:`t_interval` is their error bar).
 """
 
 from __future__ import annotations
@@ -19,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from prefnb.experiments import EXPERIMENTS, IRW, Q1_EXPERIMENTS
+from prefnb.experiments import EXPERIMENTS, IRW, Q1_EXPERIMENTS, runs_of
 from prefnb.metrics import TASK_METRIC, key_metric, report_twin, spec
 
 # t_{0.975, df} for df = 1..30 (no scipy dependency); 1.96 beyond.
@@ -28,9 +21,10 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.045, 2.042]
 
 
-# ---------------------------------------------------------------------------------------
-# statistics
-# ---------------------------------------------------------------------------------------
+def is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def mean_ci(values) -> tuple[float, float, int]:
     """(mean, half-width of the 95 % t-interval, n); half-width NaN for n < 2."""
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
@@ -52,10 +46,7 @@ def t_interval(values) -> tuple[float, float]:
 
 def paired_t(diffs, seeds) -> tuple[float, float, float, int, int]:
     """(mean, low, high, pairs, seeds) of paired differences, with the 95 % t-interval over seeds.
-
-    Pairs that share a seed are averaged within the seed first (they are not independent
-    replicates); the mean is then the mean of the per-seed means. Fewer than 2 seeds: no interval.
-    """
+    Pairs that share a seed are averaged within the seed first (they are not independent replicates)."""
     d = pd.DataFrame({"diff": np.asarray(diffs, dtype=float), "seed": np.asarray(seeds)}).dropna()
     per_seed = d.groupby("seed")["diff"].mean()
     m, h, n = mean_ci(per_seed)
@@ -63,7 +54,7 @@ def paired_t(diffs, seeds) -> tuple[float, float, float, int, int]:
 
 
 def fmt(x: float, spec: str = ".3f", signed: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if is_missing(x):
         return "n/a"
     return format(x, ("+" if signed else "") + spec)
 
@@ -109,11 +100,6 @@ def cell_of(rows: pd.DataFrame, metric: str) -> str:
     """Mean ± 95 % t-interval over seeds of one metric, or "n/a"."""
     return (cell(rows[metric].astype(float), ".3f") or "n/a") if metric in rows and len(rows) else "n/a"
 
-
-
-# ---------------------------------------------------------------------------------------
-# tables
-# ---------------------------------------------------------------------------------------
 def markdown_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     # pandoc sizes the columns of a wide pipe table by the dashes of this line: each column gets at least
@@ -195,18 +181,15 @@ EFFECTS = {  # name: (description, treatment rows, control rows, keys to pair on
 
 
 def _effect_rows(df: pd.DataFrame, treat, ctrl, keys) -> pd.DataFrame:
-    def pick(spec):
-        exps, tuning = spec
-        exps = (exps,) if isinstance(exps, str) else exps
-        sub = df[df["experiment"].isin(exps)]
-        if tuning == "lora":
-            sub = sub[sub["lora_r"] > 0]
-        elif tuning == "fft":
-            sub = sub[sub["lora_r"] == 0]
-        return sub
-    t, c = pick(treat), pick(ctrl)
+    """The pairs of treatment and control runs that share ``keys``; ``diff``: their difference."""
+    def pick(experiments, tuning):
+        sub = runs_of(df, *((experiments,) if isinstance(experiments, str) else experiments))
+        if tuning is None:
+            return sub
+        return sub[sub["lora_r"] > 0] if tuning == "lora" else sub[sub["lora_r"] == 0]
+    t, c = (pick(*treat), pick(*ctrl)) if len(df) else (df, df)
     if t.empty or c.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=["task", "seed", "diff"])
     pairs = t.merge(c, on=keys, suffixes=("", "_ctrl"))
     pairs["diff"] = pairs["test_quality"] - pairs["test_quality_ctrl"]
     return pairs
@@ -229,21 +212,19 @@ def effects(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         pairs = _effect_rows(df, treat, ctrl, keys)
         numbers[name] = {}
         for task in sorted(TASK_METRIC):
-            sub = pairs[pairs["task"] == task].dropna(subset=["diff"]) if len(pairs) else pairs
-            strata = [("all", sub)]
-            if len(sub):
-                by = "method" if name == "lora_vs_fft" else "tuning"
-                strata += [(lab, g) for lab, g in sub.groupby(by, sort=True)]
+            sub = pairs[pairs["task"] == task].dropna(subset=["diff"])
+            by = "method" if name == "lora_vs_fft" else "tuning"
+            strata = [("all", sub), *(sub.groupby(by, sort=True) if len(sub) else ())]
+            metric, spec = _metric_spec("test_quality", task)
             for label, g in strata:
-                m, lo, hi, n, seeds = paired_t(g["diff"], g["seed"]) if len(g) else (math.nan,) * 3 + (0, 0)
-                _, spec = _metric_spec("test_quality", task)
+                m, lo, hi, n, seeds = paired_t(g["diff"], g["seed"])
                 if label == "all":
                     numbers[name][task] = {"mean": fmt(m, spec, True), "low": fmt(lo, spec, True),
                                            "high": fmt(hi, spec, True), "n": n, "seeds": seeds,
                                            "text": effect_text(m, lo, hi, n, seeds, spec)}
                 if n:
                     ci = f"[{fmt(lo, spec, True)}, {fmt(hi, spec, True)}]" if seeds > 1 else "n/a (1 seed)"
-                    rows.append({"comparison": desc, "task": task, "metric": _metric_spec("test_quality", task)[0],
+                    rows.append({"comparison": desc, "task": task, "metric": metric,
                                  "runs": "pooled" if label == "all" else label, "difference": fmt(m, spec, True),
                                  "95% t-interval": ci, "pairs": n, "seeds": seeds})
     columns = ["comparison", "task", "metric", "runs", "difference", "95% t-interval", "pairs", "seeds"]
@@ -257,7 +238,7 @@ SETTINGS = [("model", "model"), ("max_steps", "steps"), ("batch_size", "batch"),
             ("seed", "seeds")]
 
 
-def _values(series: pd.Series) -> str:
+def values_text(series: pd.Series) -> str:
     vals = sorted(series.dropna().unique(), key=lambda v: (isinstance(v, str), v))
     return ", ".join(format(v, "g") if isinstance(v, (int, float, np.number)) else str(v) for v in vals)
 
@@ -266,8 +247,8 @@ def settings_table(df: pd.DataFrame) -> pd.DataFrame:
     """The distinct values of the main settings in each experiment's finished runs."""
     rows = []
     for exp, g in df.groupby("experiment", sort=True):
-        row = {"experiment": exp, "runs": len(g), "objectives": _values(g["objective"])}
-        row.update({label: _values(g[key]) for key, label in SETTINGS if key in g})
+        row = {"experiment": exp, "runs": len(g), "objectives": values_text(g["objective"])}
+        row.update({label: values_text(g[key]) for key, label in SETTINGS if key in g})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -286,9 +267,9 @@ def operating_points(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for objective in [o for o in PREFERENCE_OBJECTIVES if len(runs) and o in set(runs["objective"])]:
         g = runs[runs["objective"] == objective]
-        options = [f"{OPTION_LABELS.get(name, name)} = {_values(g[name])}" for name in option_names(objective)
+        options = [f"{OPTION_LABELS.get(name, name)} = {values_text(g[name])}" for name in option_names(objective)
                    if name in g and g[name].notna().any()]
-        rows.append({"objective": objective, "β": _values(g["beta"]), "options": "; ".join(options) or "none",
+        rows.append({"objective": objective, "β": values_text(g["beta"]), "options": "; ".join(options) or "none",
                      "runs": len(g)})
     return pd.DataFrame(rows, columns=["objective", "β", "options", "runs"])
 
