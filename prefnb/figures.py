@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from prefnb.experiments import IRW, Q1_EXPERIMENTS, SCENARIOS, largest_train_size, preference_runs, runs_of
+from prefnb.experiments import (IRW, Q1_EXPERIMENTS, SCENARIOS, largest_train_size, matching, preference_runs,
+                                runs_of)
 from prefnb.metrics import TASK_METRIC, spec
 from prefnb.objectives import PREFERENCE_OBJECTIVES, SFT_LOSSES
 from prefnb.tables import t_interval
@@ -189,15 +190,11 @@ def draw_cost(data):
 
 # --- (f) SFT objectives and learning rate → DPO ----------------------------------------
 def _sft_objectives(df):
-    data = runs_of(df, "07_sft_objectives")
-    if not len(data):
-        return data
-    parts = []
+    data, parts = runs_of(df, "07_sft_objectives"), []
     for task, metric in TASK_METRIC.items():
-        t = data[data["task"] == task]
-        after = t[t["stage"] == "after DPO"]
+        after, sft = matching(data, task=task, stage="after DPO"), matching(data, task=task, stage="SFT model")
         for sub, m, label in [(after, metric, f"{task}: after DPO, {AXIS[metric]}"),
-                              (t[t["stage"] == "SFT model"], IRW, f"{task}: SFT model, test implicit-reward acc."),
+                              (sft, IRW, f"{task}: SFT model, test implicit-reward acc."),
                               (after, IRW, f"{task}: after DPO, test implicit-reward acc.")]:
             if m in sub and sub[m].notna().any():
                 parts.append(sub.assign(measure=label.replace(": ", "\n", 1), value=sub[m]).dropna(subset=["value"]))

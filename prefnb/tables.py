@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from prefnb.experiments import EXPERIMENTS, IRW, Q1_EXPERIMENTS, runs_of
+from prefnb.experiments import EXPERIMENTS, IRW, Q1_EXPERIMENTS, matching, runs_of
 from prefnb.metrics import TASK_METRIC, key_metric, report_twin, spec
 
 # t_{0.975, df} for df = 1..30 (no scipy dependency); 1.96 beyond.
@@ -72,21 +72,17 @@ def best_cell(df: pd.DataFrame, by: list[str], fmt_spec: str) -> dict[str, str]:
     {"cell": its label, "value": mean ± 95 % t-interval over seeds of ``test_quality`` (what the
     paper quotes), "selection": mean ``eval_quality`` (what chose it)}; "n/a" where nothing is
     there. Choosing on the split that is reported would inflate the quoted number."""
-    none = {"cell": "n/a", "value": "n/a", "selection": "n/a"}
     if df.empty or df["eval_quality"].isna().all():
-        return none
-    means = df.groupby(by, dropna=False)["eval_quality"].mean().dropna()
+        return {"cell": "n/a", "value": "n/a", "selection": "n/a"}
     sign = 1 if spec(df["selection_metric"].iloc[0]).higher_is_better else -1  # -1: e.g. held-out NLL
-    means = sign * means
+    means = sign * df.groupby(by, dropna=False)["eval_quality"].mean().dropna()
     key = means.idxmax()
     key = key if isinstance(key, tuple) else (key,)
-    chosen = np.logical_and.reduce([df[col] == k for col, k in zip(by, key)])
-    test = df.loc[chosen, "test_quality"]
     label = ", ".join(str(k) for k in key)
     ties = int((means == means.max()).sum()) - 1  # an argmax among equals names one of them: say so
     if ties:
         label += f", tied on the selection split with {ties} other cell{'s' if ties > 1 else ''}"
-    return {"cell": label, "value": cell(test, fmt_spec) or "n/a",
+    return {"cell": label, "value": cell(matching(df, **dict(zip(by, key)))["test_quality"], fmt_spec) or "n/a",
             "selection": fmt(sign * float(means.max()), fmt_spec)}
 
 
@@ -100,6 +96,7 @@ def cell_of(rows: pd.DataFrame, metric: str) -> str:
     """Mean ± 95 % t-interval over seeds of one metric, or "n/a"."""
     return (cell(rows[metric].astype(float), ".3f") or "n/a") if metric in rows and len(rows) else "n/a"
 
+
 def markdown_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     # pandoc sizes the columns of a wide pipe table by the dashes of this line: each column gets at least
@@ -109,8 +106,7 @@ def markdown_table(df: pd.DataFrame) -> str:
         return max(3, longest_word + 2, min(24, max(len(v) for v in values)))
     widths = [width([c] + [str(v) for v in df[col]]) for c, col in zip(cols, df.columns)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("-" * w for w in widths) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +142,7 @@ def summary_table(df: pd.DataFrame, experiment: str, task: str) -> pd.DataFrame:
     """Mean ± 95 % t-interval across seeds of each cell of one experiment's grid, for one task,
     on the report split."""
     declared = EXPERIMENTS.get(experiment)
-    sub = df[(df["experiment"] == experiment) & (df["task"] == task)]
+    sub = matching(df, experiment=experiment, task=task)
     if declared is None:
         return grid_table(sub, ["method", "tuning"], ["test_quality", IRW], task)
     sub = declared.rows(sub) if declared.rows is not None and len(sub) else sub
@@ -234,8 +230,7 @@ def effects(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 SETTINGS = [("model", "model"), ("max_steps", "steps"), ("batch_size", "batch"), ("learning_rate", "learning rate"),
             ("lora_r", "LoRA r"), ("lora_alpha", "LoRA α"), ("beta", "β"), ("train_size", "train fraction"),
             ("max_train_examples", "max train examples"), ("max_eval_examples", "max selection examples"),
-            ("max_test_examples", "max test examples"),
-            ("seed", "seeds")]
+            ("max_test_examples", "max test examples"), ("seed", "seeds")]
 
 
 def values_text(series: pd.Series) -> str:
