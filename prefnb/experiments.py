@@ -145,10 +145,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "03_staged": Experiment(
         {"staged": _method("staged")}, ("tuning",), ("test_quality", *_TASK_EXTRAS, IRW, IRW_TOTAL),
         f"Staged SFT→DPO: {_CI}", figures=("methods",),
-        question=Question("methods", Q1_EXPERIMENTS, None, ("method", "tuning"),
-                          ("test_quality", IRW),
-                          "Question 1: SFT, DPO alone and staged SFT→DPO, after the untrained floor (majority "
-                          "class, zero-shot starting model)")),
+        question=Question("methods", Q1_EXPERIMENTS, None, ("method", "tuning"), ("test_quality", IRW),
+                          "Question 1: SFT, DPO alone and staged SFT→DPO, after the untrained floor (majority class, "
+                          "zero-shot starting model)")),
     "04_reference_strength": Experiment(
         {"strong_reference": _method("SFT"),
          "sweep": lambda run: dict(zip(("method", "reward", "reference_kind"), ("staged", *REWARDS[run["reward"]])))},
@@ -166,9 +165,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         f"Preference objectives × scenario × training-set fraction: {_CI}", figures=("variants", "train_size"),
         numbers=_variant_numbers,
         question=Question("variants", ("06_dpo_variants",), largest_train_size, ("scenario", "objective"),
-                          ("test_quality", IRW),
-                          "Question 3: each preference objective from each starting point, at the largest training "
-                          "set")),
+                          ("test_quality", IRW), "Question 3: each preference objective from each starting point, at "
+                          "the largest training set")),
     "07_sft_objectives": Experiment(
         {**dict.fromkeys(("sft", "sft_lr"), lambda run: {
             "method": "SFT", "stage": "SFT model", "sft_objective": run["sft_loss"],
@@ -180,17 +178,14 @@ EXPERIMENTS: dict[str, Experiment] = {
         f"SFT objective × SFT learning rate: the SFT model and the model after DPO, {_CI}",
         figures=("sft_objectives",), numbers=_sft_objective_numbers,
         question=Question("sft-objectives", ("07_sft_objectives",), lambda rows: matching(rows, stage="after DPO"),
-                          ("sft_objective", "sft_lr_scale"),
-                          ("test_quality", IRW, IRW_TOTAL), "Question 4: DPO after each SFT objective and SFT "
-                          "learning rate")),
+                          ("sft_objective", "sft_lr_scale"), ("test_quality", IRW, IRW_TOTAL),
+                          "Question 4: DPO after each SFT objective and SFT learning rate")),
 }
 LABELS = ("method", "stage", "reward", "reference_kind", "scenario", "sft_objective", "sft_lr_scale", "starting_model")
 
 
 def run_labels(experiment: str, group: str | None, run: dict[str, Any]) -> dict[str, str]:
-    """The report labels of one run (``run``: its parameters, then its grid labels over them):
-    its experiment's declaration for its grid group; without one, or without the study's
-    record of the group, its objective's."""
+    """The report labels of one run (``run``: its parameters, then its grid labels over them)."""
     declared = EXPERIMENTS.get(experiment)
     name = group.split("/", 1)[-1] if isinstance(group, str) else None  # NaN: no record
     labels = dict.fromkeys(LABELS, "")

@@ -18,7 +18,7 @@ from prefnb import objectives
 from prefnb.experiments import FULL_GRIDS, SCENARIOS, Question, largest_train_size, matching, preference_runs, runs_of
 from prefnb.metrics import TASK_METRIC
 from prefnb.tables import (EFFECTS, HEADERS, _effect_rows, _metric_spec, cell, fmt, grid_table, is_missing,
-                           markdown_table, not_drawn, paired_t)
+                           markdown_table, not_drawn, paired_t, table_or_note)
 
 log = logging.getLogger(__name__)
 NONE = (float("nan"),) * 3 + (0, 0)
@@ -167,11 +167,10 @@ def findings_markdown(table: pd.DataFrame, not_made: list[list[str]] = ()) -> st
         missing = (". Not made from these runs (no paired runs: their experiments were not run, or failed; the "
                    f"full grids on a GPU, {FULL_GRIDS}, run every experiment): "
                    + "; ".join(f"{q} {c} ({', '.join(tasks)})" for (q, c), tasks in by_comparison.items()))
-    if table.empty:
-        return not_drawn("tbl-findings", "Findings", "No comparison could be made from these outputs" + missing + ".")
-    return (markdown_table(table) + "\n: Findings: each question's comparisons as paired differences in the task's "
-            "test metric (accuracy for paraphrase, chrF for sonnets), 95% t-interval over seeds; best cells chosen on "
-            f"the selection split{missing} {{#tbl-findings}}\n")
+    return table_or_note(table, "tbl-findings", "Findings", ": each question's comparisons as paired differences in "
+                         "the task's test metric (accuracy for paraphrase, chrF for sonnets), 95% t-interval over "
+                         f"seeds; best cells chosen on the selection split{missing}",
+                         f"No comparison could be made from these outputs{missing}.")
 
 
 # --- one table per question (the main text; every cell of every grid is in the appendix)

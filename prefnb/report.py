@@ -26,7 +26,7 @@ from prefnb.findings import findings, findings_markdown, floor, question_table
 from prefnb.rundir import MARKER
 from prefnb.metrics import TASK_METRIC, key_metric, report_twin
 from prefnb.tables import (_metric_spec, effects, is_missing, markdown_table, not_drawn, operating_points,
-                           settings_table, summary_table, values_text)
+                           settings_table, summary_table, table_or_note, values_text)
 
 log = logging.getLogger(__name__)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads hundreds of params files fast
@@ -271,12 +271,9 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     found, found_numbers = findings(df, floors)
     files["tables/findings.csv"] = found.to_csv(index=False, lineterminator="\n")
     files["tables/findings.md"] = findings_markdown(found, found_numbers["not_made"])
-    points = operating_points(df)
-    files["tables/operating_points.md"] = (markdown_table(points) + "\n: Each preference objective's operating "
-                                           "point in these runs (β and its own options, outside the β sweep of "
-                                           "04); defaults and their sources in prefnb/objectives.py "
-                                           "{#tbl-operating-points}\n") if len(points) else not_drawn(
-        "tbl-operating-points", "Each preference objective's operating point in these runs",
+    files["tables/operating_points.md"] = table_or_note(
+        operating_points(df), "tbl-operating-points", "Each preference objective's operating point in these runs",
+        " (β and its own options, outside the β sweep of 04); defaults and their sources in prefnb/objectives.py",
         "No preference runs: no operating points to list.")
     settings = settings_table(df) if len(df) else pd.DataFrame()
     # two tables of at most 8 columns, so that each fits a page in the PDF
@@ -290,11 +287,10 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
     eff, eff_numbers = effects(df)  # every effect's numbers, "n/a" where there are no pairs
     eff = eff if len(df) else pd.DataFrame()  # no runs: an effects.csv without a header
     files["tables/effects.csv"] = eff.to_csv(index=False, lineterminator="\n")
-    files["tables/effects.md"] = (markdown_table(eff) + "\n: Paired effects on the test split: mean difference in "
-                                  "the task metric (pairs share task, fine-tuning and seed; pairs of one seed averaged "
-                                  "first), 95% t-interval over seeds {#tbl-effects}\n") if len(eff) else (
-        not_drawn("tbl-effects", "Paired effects on the test split",
-                  "No paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged)."))
+    files["tables/effects.md"] = table_or_note(
+        eff, "tbl-effects", "Paired effects on the test split", ": mean difference in the task metric (pairs share "
+        "task, fine-tuning and seed; pairs of one seed averaged first), 95% t-interval over seeds",
+        "No paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged).")
     nums = numbers(df, eff_numbers)
     nums["runs"]["other"] = other
     nums["findings"] = found_numbers

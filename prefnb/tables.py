@@ -118,6 +118,13 @@ def not_drawn(ref: str, caption: str, why: str) -> str:
     return f":::: {{#{ref}}}\n::: {{.callout-note}}\n{why}\n:::\n\n{caption} — not drawn from these outputs.\n::::\n"
 
 
+def table_or_note(table: pd.DataFrame, ref: str, caption: str, detail: str, why: str) -> str:
+    """``table`` under its caption (``caption`` then ``detail``), or, without rows, :func:`not_drawn`'s note."""
+    if not len(table):
+        return not_drawn(ref, caption, why)
+    return markdown_table(table) + f"\n: {caption}{detail} {{#{ref}}}\n"
+
+
 def metric_name(metric: str, task: str) -> str:
     """`test_quality` / `eval_quality` → the task's key metric on that split (a JSONL task's: its
     preference runs'); other names as given."""
