@@ -76,7 +76,8 @@ def _long(data: pd.DataFrame, per_task: dict[str, list[str]]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else data.iloc[0:0].assign(measure=[], value=[])
 
 
-def _finish(g, title: str, data: pd.DataFrame, bars: bool = False):
+def _finish(g, title: str, data: pd.DataFrame, xlabel: str, bars: bool = False, titles: str = "{col_name}"):
+    g.set_titles(titles).set_axis_labels(xlabel, "score")
     if bars:  # scores are ≥ 0: bars start at 0, and an all-zero panel still shows a sane axis
         for ax in g.axes.flat:
             top = ax.get_ylim()[1]
@@ -98,8 +99,7 @@ def draw_methods(data):
     g = sns.catplot(data=data, kind="bar", x="method", y="value", hue="tuning", col="measure", col_wrap=2,
                     order=[m for m in METHODS if m in set(data["method"])], **_ci(data),
                     sharey=False, height=3.2, aspect=1.3, capsize=0.1)
-    g.set_titles("{col_name}").set_axis_labels("training", "score")
-    return _finish(g, "SFT, DPO alone and staged SFT→DPO, by fine-tuning", data, bars=True)
+    return _finish(g, "SFT, DPO alone and staged SFT→DPO, by fine-tuning", data, "training", bars=True)
 
 
 # --- (b) β sweep ------------------------------------------------------------------------
@@ -115,8 +115,7 @@ def draw_beta(data):
                     col_wrap=2, markers=True, dashes=False, **_ci(data),
                     facet_kws={"sharey": False}, height=3.2, aspect=1.3)
     g.set(xscale="log")
-    g.set_titles("{col_name}").set_axis_labels("β (log scale)", "score")
-    return _finish(g, "DPO sensitivity to β, reward kind and reference model", data)
+    return _finish(g, "DPO sensitivity to β, reward kind and reference model", data, "β (log scale)")
 
 
 # --- (c) variants × scenario, (d) train size -------------------------------------------
@@ -130,8 +129,8 @@ def draw_variants(data):
                     order=_order(data["objective"], PREFERENCE_OBJECTIVES),
                     hue_order=_order(data["scenario"], SCENARIO_ORDER),
                     **_ci(data), sharey=False, height=3.4, aspect=1.5, capsize=0.1)
-    g.set_titles("{col_name}").set_axis_labels("preference objective", "score")
-    return _finish(g, "Preference objectives by starting point (largest training set)", data, bars=True)
+    return _finish(g, "Preference objectives by starting point (largest training set)", data, "preference objective",
+                   bars=True)
 
 
 def _train_size(df):
@@ -141,14 +140,13 @@ def _train_size(df):
 
 def draw_train_size(data):
     data = _seed_means(data, ["train_pct", "objective", "scenario", "measure"])
+    objectives = _order(data["objective"], PREFERENCE_OBJECTIVES)
     g = sns.relplot(data=data, kind="line", x="train_pct", y="value", hue="objective", style="objective",
-                    hue_order=_order(data["objective"], PREFERENCE_OBJECTIVES),
-                    style_order=_order(data["objective"], PREFERENCE_OBJECTIVES),
-                    col="scenario", col_order=_order(data["scenario"], SCENARIO_ORDER), row="measure", markers=True,
-                    dashes=False, **_ci(data),
-                    facet_kws={"sharey": "row"}, height=3.0, aspect=1.2)
-    g.set_titles("{row_name}\n{col_name}").set_axis_labels("training pairs used (% of train split)", "score")
-    return _finish(g, "Preference objectives against training-set size", data)
+                    hue_order=objectives, style_order=objectives, col="scenario",
+                    col_order=_order(data["scenario"], SCENARIO_ORDER), row="measure", markers=True, dashes=False,
+                    **_ci(data), facet_kws={"sharey": "row"}, height=3.0, aspect=1.2)
+    return _finish(g, "Preference objectives against training-set size", data,
+                   "training pairs used (% of train split)", titles="{row_name}\n{col_name}")
 
 
 # --- (e) LoRA vs FFT: quality against cost ---------------------------------------------
@@ -207,10 +205,10 @@ def draw_sft_objectives(data):
     g = sns.catplot(data=data, kind="bar", x="sft_objective", y="value", hue="sft_lr_scale", hue_order=scales,
                     col="measure", col_wrap=3, order=[o for o in SFT_OBJECTIVES if o in set(data["sft_objective"])],
                     **_ci(data), sharey=False, height=3.0, aspect=1.2, capsize=0.1)
-    g.set_titles("{col_name}").set_axis_labels("SFT objective (f-divergence)", "score")
     if g.legend:
         g.legend.set_title("SFT learning rate")
-    return _finish(g, "SFT objective and SFT learning rate → DPO result and implicit reward", data, bars=True)
+    return _finish(g, "SFT objective and SFT learning rate → DPO result and implicit reward", data,
+                   "SFT objective (f-divergence)", bars=True)
 
 
 FIGURES = [
