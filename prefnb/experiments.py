@@ -106,9 +106,12 @@ def _best_beta(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.set_index(["task", "reward", "reference_kind", "beta"]).loc[list(best)].reset_index()
 
 
-def _beta_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
-    from prefnb.tables import best_cell
-    return {"best_beta": best_cell(preference_runs(rows), ["reward", "reference_kind", "beta"], fmt)}
+def _best_numbers(name: str, select: Rows, by: list[str]) -> Callable[[pd.DataFrame, str], dict[str, Any]]:
+    """The numbers of an experiment that quotes its best cell of ``by`` among the runs ``select`` picks."""
+    def numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
+        from prefnb.tables import best_cell
+        return {name: best_cell(select(rows), by, fmt)}
+    return numbers
 
 
 def _cost_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
@@ -118,11 +121,6 @@ def _cost_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
     none = pd.Series(dtype=float)
     return {f"lora_{name}_ratio": ratio(lora.get(col, none), fft.get(col, none))
             for name, col in (("time", "train/seconds"), ("memory", "peak_memory_mib"))}
-
-
-def _variant_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
-    from prefnb.tables import best_cell
-    return {"best_variant": best_cell(largest_train_size(rows), ["objective", "scenario"], fmt)}
 
 
 def _sft_objective_numbers(rows: pd.DataFrame, fmt: str) -> dict[str, Any]:
@@ -152,7 +150,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         {"strong_reference": _method("SFT"),
          "sweep": lambda run: dict(zip(("method", "reward", "reference_kind"), ("staged", *REWARDS[run["reward"]])))},
         ("reward", "reference_kind", "beta"), ("test_quality", IRW),
-        f"β sweep by reward kind and reference: {_CI}", rows=preference_runs, figures=("beta",), numbers=_beta_numbers,
+        f"β sweep by reward kind and reference: {_CI}", rows=preference_runs, figures=("beta",),
+        numbers=_best_numbers("best_beta", preference_runs, ["reward", "reference_kind", "beta"]),
         question=Question("reference", ("04_reference_strength",), _best_beta, ("reward", "reference_kind", "beta"),
                           ("test_quality", IRW),
                           "Question 2: each reward and reference at its best β (chosen on the selection split)")),
@@ -163,7 +162,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "06_dpo_variants": Experiment(
         {"variants": _variant, "scenarios": _variant}, ("scenario", "objective", "train_size"), ("test_quality", IRW),
         f"Preference objectives × scenario × training-set fraction: {_CI}", figures=("variants", "train_size"),
-        numbers=_variant_numbers,
+        numbers=_best_numbers("best_variant", largest_train_size, ["objective", "scenario"]),
         question=Question("variants", ("06_dpo_variants",), largest_train_size, ("scenario", "objective"),
                           ("test_quality", IRW), "Question 3: each preference objective from each starting point, at "
                           "the largest training set")),

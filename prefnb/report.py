@@ -96,10 +96,8 @@ def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=["experiment", "run_id", "task", "seed", "method", "tuning", "eval_quality",
                                      "test_quality"])
-    df = df.copy()
-    for col, default in (("objective", "sft"), ("lora_r", 0), ("task", "paraphrase"), ("seed", 0)):
-        if col not in df:
-            df[col] = default
+    defaults = {"objective": "sft", "lora_r": 0, "task": "paraphrase", "seed": 0}
+    df = df.assign(**{col: value for col, value in defaults.items() if col not in df})
     df = df.sort_values(["experiment", "run_id"], kind="stable").reset_index(drop=True)
     grid = [c for c in df.columns if c.startswith("label_")]
     labels = [run_labels(row["experiment"], row.get("label_group"),
@@ -109,8 +107,7 @@ def derive_labels(df: pd.DataFrame) -> pd.DataFrame:
     df["tuning"] = df["lora_r"].map(_tuning)
     if "train/peak_memory_bytes" in df:
         df["peak_memory_mib"] = df["train/peak_memory_bytes"] / 2**20
-    # The run's key metric on both splits: `eval_quality` (selection: it picks best cells) and
-    # `test_quality` (report: every table, figure and quoted number).
+    # the run's key metric on both splits: eval_quality picks best cells, test_quality is what the paper shows
     df["selection_metric"] = [key_metric(t, o != "sft") for t, o in zip(df["task"], df["objective"])]
     df["metric"] = df["selection_metric"].map(report_twin)
     records = df.to_dict("records")

@@ -125,18 +125,13 @@ def table_or_note(table: pd.DataFrame, ref: str, caption: str, detail: str, why:
     return markdown_table(table) + f"\n: {caption}{detail} {{#{ref}}}\n"
 
 
-def metric_name(metric: str, task: str) -> str:
-    """`test_quality` / `eval_quality` → the task's key metric on that split (a JSONL task's: its
-    preference runs'); other names as given."""
+def _metric_spec(metric: str, task: str) -> tuple[str, str]:
+    """(column name, format) of a metric; `test_quality` / `eval_quality`: the task's key metric on that split
+    (a JSONL task's: its preference runs')."""
     if metric in ("test_quality", "eval_quality"):
         selection = key_metric(task, preference=True)
-        return report_twin(selection) if metric == "test_quality" else selection
-    return metric
-
-
-def _metric_spec(metric: str, task: str) -> tuple[str, str]:
-    """(column name, format) of a metric (`test_quality`/`eval_quality`: the task's key metric)."""
-    row = spec(metric_name(metric, task))
+        metric = report_twin(selection) if metric == "test_quality" else selection
+    row = spec(metric)
     return row.label, row.format
 
 
