@@ -242,12 +242,9 @@ def values_text(series: pd.Series) -> str:
 
 def settings_table(df: pd.DataFrame) -> pd.DataFrame:
     """The distinct values of the main settings in each experiment's finished runs."""
-    rows = []
-    for exp, g in df.groupby("experiment", sort=True):
-        row = {"experiment": exp, "runs": len(g), "objectives": values_text(g["objective"])}
-        row.update({label: values_text(g[key]) for key, label in SETTINGS if key in g})
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"experiment": exp, "runs": len(g), "objectives": values_text(g["objective"]),
+                          **{label: values_text(g[key]) for key, label in SETTINGS if key in g}}
+                         for exp, g in df.groupby("experiment", sort=True)])
 
 
 OPTION_LABELS = {"label_smoothing": "ε", "simpo_gamma": "γ", "cpo_alpha": "α", "desirable_weight": "λ_D",
