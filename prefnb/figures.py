@@ -54,7 +54,6 @@ def _order(values, preferred) -> list:
 
 
 def _ci(data: pd.DataFrame) -> dict:
-    """The error bar: 95 % t-interval over seeds where there are ≥ 2 seeds, none otherwise."""
     return {"errorbar": t_interval if data["seed"].nunique() >= 2 else None}
 
 
@@ -247,7 +246,6 @@ FIGURES = [
 
 
 def drawable(df: pd.DataFrame) -> list[Figure]:
-    """The figures that have data in ``df`` (the rest are skipped)."""
     return [f for f in FIGURES if len(df) and len(f.select(df))]
 
 

@@ -194,7 +194,7 @@ def _scope(df: pd.DataFrame, design: dict[str, Any], meta: dict[str, bool]) -> t
 
 def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
     """Every number the paper's text quotes; each key exists whatever runs there are."""
-    profile = profile_of(df) if len(df) else "none"
+    profile = profile_of(df)
     seeds = sorted(int(s) for s in df["seed"].dropna().unique()) if len(df) else []
 
     def listed(column: str) -> str:
@@ -202,8 +202,7 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
         return ", ".join(sorted(values)) if len(values) else "not recorded"
     n = {
         "profile": profile, "is_smoke": profile == "smoke",
-        "runs": {"total": int(len(df)), **{e: int((df["experiment"] == e).sum()) if len(df) else 0
-                                           for e in EXPERIMENTS}},
+        "runs": {"total": len(df), **{exp: len(runs_of(df, exp)) for exp in EXPERIMENTS}},
         "seeds": {"n": len(seeds), "list": ", ".join(map(str, seeds)) or "none"},
         "models": ", ".join(sorted(df["model"].dropna().astype(str).unique())) if len(df) else "none",
         "devices": listed("device"), "code_versions": listed("code_version"),
@@ -340,7 +339,7 @@ def _build(root: Path, figures: bool = True) -> tuple[dict[str, str], list[Path]
 
     df = collect_runs(root)
     out = root / REPORT_DIR
-    log.info("report: %d finished runs under %s (profile: %s)", len(df), root, profile_of(df) if len(df) else "none")
+    log.info("report: %d finished runs under %s (profile: %s)", len(df), root, profile_of(df))
     for sub in ("figures", "sections", "tables") if figures else ("sections", "tables"):
         for stale in (out / sub).glob("*"):
             stale.unlink()
