@@ -156,8 +156,7 @@ def grid_table(sub: pd.DataFrame, keys: list[str], metrics: list[str], task: str
     t-interval, and the number of seeds. Keys that no run sets are left out."""
     keys = [k for k in keys if k != "task" and k in sub and sub[k].astype(str).ne("").any()]
     rows = []
-    for values, g in sub.groupby(keys, sort=True, dropna=False):
-        values = values if isinstance(values, tuple) else (values,)
+    for values, g in sub.groupby(keys, sort=True, dropna=False):  # a list of keys: values is a tuple
         row = dict(zip(keys, values))
         for m in metrics:
             if m in g and g[m].notna().any():
