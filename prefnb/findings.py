@@ -78,7 +78,8 @@ def floor(df: pd.DataFrame, data_majority=None) -> dict[str, pd.DataFrame]:
     model(s) of 00_baselines, and the majority class (00's, else ``data_majority(task_rows)``)."""
     out, columns = {}, ["baseline", "task", "test_quality", "seed"]
     for task in TASK_METRIC:
-        parts, b, runs = [], matching(df, experiment="00_baselines", task=task), matching(df, task=task)
+        parts, runs = [], matching(df, task=task)
+        b = matching(runs, experiment="00_baselines")
         if len(b):
             start = b["starting_model"].replace("", "base")
             parts.append(b.assign(baseline="zero-shot " + start + " model (" + b["model"].astype(str) + ")"))

@@ -1,12 +1,12 @@
 """Outputs → one tidy table of finished runs → tables, numbers and figures for the paper.
 
 ``collect_runs`` reads every finished run directory (``outputs/<experiment>/<run_id>/`` with the ``COMPLETE``
-marker) into one row: its parameters, metrics, grid labels (``study.json`` or a ``labels.json``) and report
-labels (:mod:`prefnb.experiments`). ``build_report`` writes ``outputs/report/``: ``runs.csv|parquet``,
-``tables/`` (per-experiment grids, paired effects, one table per question, the findings), ``numbers.json`` and
-``_variables.yml`` (every number the text quotes), ``sections/``, ``appendix.md`` and ``figures/``. Everything
-but the figures is a pure function of the table, so ``prefnb verify`` rebuilds it in memory
-(``build_text_artifacts``) and compares it with what the paper used.
+marker, DESIGN.md contract 3) into one row: its parameters, metrics, grid labels (``study.json`` or a
+``labels.json``) and report labels (:mod:`prefnb.experiments`). ``build_report`` writes ``outputs/report/``:
+``runs.csv|parquet``, ``tables/`` (per-experiment grids, paired effects, one table per question, the findings),
+``numbers.json`` and ``_variables.yml`` (every number the text quotes), ``sections/``, ``appendix.md`` and
+``figures/``. Everything but the figures is a pure function of the table, so ``prefnb verify`` rebuilds it in
+memory (``build_text_artifacts``) and compares it with what the paper used.
 """
 
 from __future__ import annotations
