@@ -48,8 +48,8 @@ def _contrast(treat: pd.DataFrame, ctrl: pd.DataFrame, on: list[str]) -> tuple:
     return paired_t(pairs["test_quality"] - pairs["control"], pairs["seed"])
 
 
-def _label(key) -> str:
-    return ", ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+def _label(key: tuple) -> str:
+    return ", ".join(map(str, key))
 
 
 def _best_against(rows: pd.DataFrame, by: list[str], default: tuple | None, on: list[str]) -> tuple[str, tuple]:
