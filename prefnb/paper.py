@@ -4,15 +4,9 @@
 inputs into the Quarto project (``paper/_generated/`` and ``paper/_variables.yml``; both
 gitignored), then renders:
 
-- with Quarto where ``quarto`` is on PATH: ``quarto render paper`` → ``paper/_output/``
-  (HTML, and PDF via Typst, as ``paper/_quarto.yml`` says);
-- otherwise with pandoc: an HTML preview in ``paper/_preview/index.html``. prefnb expands the
-  Quarto shortcodes it uses (``{{< include >}}``, ``{{< var >}}``) and the figure/table cross
-  references itself, and a banner says that the file is a preview.
-
-`prefnb verify` rebuilds every generated text input of the paper from the outputs, in
-memory, and fails (exit 1, listing what differs) when the paper's copy is stale or when a
-file, figure, table or variable the paper references is missing.
+- with Quarto where it is on PATH (``paper/_output/``), else
+- with pandoc (``paper/_preview/``), for which this module does what Quarto would: the shortcodes
+  (``{{< include >}}``, ``{{< var >}}``), conditional content and cross references.
 """
 
 from __future__ import annotations
@@ -37,6 +31,7 @@ log = logging.getLogger(__name__)
 PAPER_FILE = "index.qmd"
 GENERATED = "_generated"
 VARIABLES = "_variables.yml"
+PREVIEW = "_preview"  # the pandoc preview's folder in paper/
 OUTPUTS_ENV = "PREFNB_OUTPUTS"  # the outputs a `quarto render` run by `prefnb paper` verifies against
 BANNER = "Preview rendered with pandoc; render with Quarto for the publication version"
 INCLUDE = re.compile(r"\{\{<\s*include\s+(\S+)\s*>\}\}")
@@ -58,9 +53,7 @@ def _user_error(message: str) -> Exception:
     return UserError(message)
 
 
-# ---------------------------------------------------------------------------------------
-# generated inputs: outputs/report → paper/
-# ---------------------------------------------------------------------------------------
+# --- generated inputs: outputs/report → paper/
 def _destination(paper_dir: Path, rel: str) -> Path:
     return paper_dir / VARIABLES if rel == VARIABLES else paper_dir / GENERATED / rel
 
@@ -79,18 +72,7 @@ def sync_generated(outputs: Path, paper_dir: Path, files: dict[str, str]) -> Non
         shutil.copytree(figures, gen / "figures", dirs_exist_ok=True)
 
 
-# ---------------------------------------------------------------------------------------
-# shortcodes and cross references (what Quarto does, for the pandoc preview and verify)
-# ---------------------------------------------------------------------------------------
-def lookup(variables: dict, key: str) -> Any:
-    value: Any = variables
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise KeyError(key)
-        value = value[part]
-    return value
-
-
+# --- shortcodes and cross references (what Quarto does, for the pandoc preview and verify)
 def expand(text: str, paper_dir: Path, variables: dict, problems: list[str], depth: int = 0) -> str:
     """Inline ``{{< include >}}`` files and substitute ``{{< var >}}`` values; note what is missing."""
     def include(m: re.Match) -> str:
@@ -104,15 +86,23 @@ def expand(text: str, paper_dir: Path, variables: dict, problems: list[str], dep
         return expand(path.read_text(), paper_dir, variables, problems, depth + 1)
 
     def var(m: re.Match) -> str:
-        try:
-            value = lookup(variables, m.group(1))
-        except KeyError:
-            problems.append(f"missing variable: {m.group(1)} (not in {VARIABLES})")
-            return f"?{m.group(1)}"
+        value: Any = variables
+        for part in m.group(1).split("."):  # a dotted key: a nested value
+            if not isinstance(value, dict) or part not in value:
+                problems.append(f"missing variable: {m.group(1)} (not in {VARIABLES})")
+                return f"?{m.group(1)}"
+            value = value[part]
         return str(value).lower() if isinstance(value, bool) else str(value)
 
     text = VAR.sub(var, INCLUDE.sub(include, text))
     return conditional(text, metadata(paper_dir), problems) if depth == 0 else text
+
+
+def expand_paper(paper_dir: Path, problems: list[str]) -> str:
+    """The paper's index.qmd, expanded with the variables of its _variables.yml."""
+    var_path = paper_dir / VARIABLES
+    variables = yaml.safe_load(var_path.read_text()) if var_path.is_file() else {}
+    return expand((paper_dir / PAPER_FILE).read_text(), paper_dir, variables or {}, problems)
 
 
 def metadata(paper_dir: Path) -> dict:
@@ -132,18 +122,18 @@ def conditional(text: str, meta: dict, problems: list[str]) -> str:
     is not in the metadata is noted (Quarto would read it as false, silently)."""
     out, stack = [], []  # stack: per open div, whether its content is kept (None: not a condition)
     for line in text.split("\n"):
-        opened, closed = DIV_OPEN.match(line), DIV_CLOSE.match(line)
+        opened = DIV_OPEN.match(line)
+        condition = opened and CONDITION.search(opened.group("attrs"))
+        if condition:
+            key = condition.group("key")
+            if key not in meta:
+                problems.append(f"missing metadata: {key} (a when-meta condition; not in metadata-files)")
+            stack.append(bool(meta.get(key)) == (condition.group("kind") == "visible"))
+            continue
         if opened:
-            m = CONDITION.search(opened.group("attrs"))
-            if m:
-                if m.group("key") not in meta:
-                    problems.append(f"missing metadata: {m.group('key')} (a when-meta condition; not in metadata-files)")
-                stack.append(bool(meta.get(m.group("key"))) == (m.group("kind") == "visible"))
-                continue
             stack.append(None)
-        elif closed and stack:
-            if stack.pop() is not None:
-                continue
+        elif DIV_CLOSE.match(line) and stack and stack.pop() is not None:
+            continue
         if all(keep is not False for keep in stack):
             out.append(line)
     return "\n".join(out)
@@ -171,9 +161,7 @@ def number_crossrefs(text: str) -> str:
 
     def figure(m: re.Match) -> str:
         ids = FIG_ID.findall(m.group("attrs") or "")
-        if not ids:
-            return m.group(0)
-        return f"![{labels[ids[0]]}: {m.group('caption')}]({m.group('path')}){m.group('attrs')}"
+        return f"![{labels[ids[0]]}: {m.group('caption')}]({m.group('path')}){m.group('attrs')}" if ids else m.group(0)
 
     def table(m: re.Match) -> str:
         return f": {labels[m.group('id')]}: {m.group('caption')} []{{#{m.group('id')}}}"
@@ -185,9 +173,7 @@ def number_crossrefs(text: str) -> str:
                         else f"?{m.group(1)}", text)
 
 
-# ---------------------------------------------------------------------------------------
-# rendering
-# ---------------------------------------------------------------------------------------
+# --- rendering
 PREVIEW_CSS = """<style>
 body { max-width: 60em; margin: 0 auto; padding: 1em 2em; font-family: system-ui, sans-serif; line-height: 1.5; }
 .preview-banner { background: #fff3cd; border: 2px solid #e0a800; padding: .6em 1em; margin: 1em 0;
@@ -227,45 +213,27 @@ def pandoc_options(paper_dir: Path, fmt: str) -> list[str]:
 
 def render_preview(paper_dir: Path, pandoc: str) -> Path:
     """HTML preview with pandoc: shortcodes and cross references expanded here first."""
-    variables = yaml.safe_load((paper_dir / VARIABLES).read_text()) or {}
     problems: list[str] = []
-    text = number_crossrefs(expand((paper_dir / PAPER_FILE).read_text(), paper_dir, variables, problems))
+    text = number_crossrefs(expand_paper(paper_dir, problems))
     for p in problems:
         log.warning("preview: %s", p)
-    out_dir = paper_dir / "_preview"
+    out_dir = paper_dir / PREVIEW
     out_dir.mkdir(exist_ok=True)
-    source = out_dir / "index.md"
-    source.write_text(text)
+    (out_dir / "index.md").write_text(text)
     (out_dir / "header.html").write_text(PREVIEW_CSS)
     (out_dir / "banner.html").write_text(f'<div class="preview-banner">{BANNER} (<code>quarto render paper</code>; '
                                          "see the README).</div>\n")
     version = subprocess.run([pandoc, "--version"], capture_output=True, text=True).stdout.split()[1]
-    major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-    embed = "--embed-resources" if major_minor >= (2, 19) else "--self-contained"
-    out = out_dir / "index.html"
-    cmd = [pandoc, str(source.relative_to(paper_dir)), "--from", "markdown", "--to", "html5", "--standalone", embed,
-           "--resource-path", ".", *pandoc_options(paper_dir, "html"),
-           "-H", str(out_dir.relative_to(paper_dir) / "header.html"),
-           "--include-before-body", str(out_dir.relative_to(paper_dir) / "banner.html"),
-           "-o", str(out.relative_to(paper_dir))]
+    embed = "--embed-resources" if tuple(map(int, re.findall(r"\d+", version)[:2])) >= (2, 19) else "--self-contained"
+    cmd = [pandoc, f"{PREVIEW}/index.md", "--from", "markdown", "--to", "html5", "--standalone", embed,
+           "--resource-path", ".", *pandoc_options(paper_dir, "html"), "-H", f"{PREVIEW}/header.html",
+           "--include-before-body", f"{PREVIEW}/banner.html", "-o", f"{PREVIEW}/index.html"]
     result = subprocess.run(cmd, cwd=paper_dir, capture_output=True, text=True)
     if result.returncode != 0:
         raise _user_error(f"pandoc failed ({' '.join(cmd)}):\n{result.stderr.strip()}")
     for line in result.stderr.strip().splitlines():
         log.warning("pandoc: %s", line)
-    return out
-
-
-def render_previews(paper_dir: Path, pandoc: str) -> list[Path]:
-    """The HTML preview, and the Typst PDF preview where the `paper` extra is installed."""
-    from prefnb import paper_pdf
-
-    html = render_preview(paper_dir, pandoc)
-    missing = paper_pdf.available()
-    if missing:
-        log.warning("no PDF preview: %s", missing)
-        return [html]
-    return [html, paper_pdf.render_pdf(paper_dir, html.with_suffix(".md"))]
+    return out_dir / "index.html"
 
 
 def renderer(engine: str = "auto") -> tuple[str, str]:
@@ -283,9 +251,16 @@ def renderer(engine: str = "auto") -> tuple[str, str]:
 
 
 def render(paper_dir: Path, engine: str = "auto", outputs: Path | None = None) -> list[Path]:
+    """Quarto's HTML and PDF; or the pandoc HTML preview, and its Typst PDF where the `paper` extra is installed."""
     kind, exe = renderer(engine)
     if kind == "pandoc":
-        return render_previews(paper_dir, exe)
+        from prefnb import paper_pdf
+
+        html, missing = render_preview(paper_dir, exe), paper_pdf.available()
+        if missing:
+            log.warning("no PDF preview: %s", missing)
+            return [html]
+        return [html, paper_pdf.render_pdf(paper_dir, html.with_suffix(".md"))]
     # _quarto.yml's pre-render runs `prefnb verify`: tell it which outputs these inputs came from
     env = {**os.environ, OUTPUTS_ENV: str(Path(outputs).resolve())} if outputs else None
     result = subprocess.run([exe, "render", str(paper_dir)], env=env)
@@ -299,6 +274,10 @@ def default_paper_dir() -> Path:
     return project_paper_dir()
 
 
+def _paper_dir(paper_dir: str | Path | None) -> Path:
+    return Path(paper_dir) if paper_dir else default_paper_dir()
+
+
 def build_paper(outputs: str | Path | None = None, paper_dir: str | Path | None = None, *, engine: str = "auto",
                 render_output: bool = True, figures: bool = True) -> list[Path]:
     """Build the report, copy its inputs into the paper, render. Returns the rendered files.
@@ -306,7 +285,7 @@ def build_paper(outputs: str | Path | None = None, paper_dir: str | Path | None 
     ``figures=False`` (tests) redraws no figure and keeps those of the last build."""
     from prefnb.report import _build
 
-    outputs, paper_dir = Path(outputs or outputs_dir()), Path(paper_dir) if paper_dir else default_paper_dir()
+    outputs, paper_dir = Path(outputs or outputs_dir()), _paper_dir(paper_dir)
     if not (paper_dir / PAPER_FILE).is_file():
         raise _user_error(f"{paper_dir / PAPER_FILE} not found: pass --paper DIR (the Quarto project)")
     if render_output:
@@ -316,14 +295,12 @@ def build_paper(outputs: str | Path | None = None, paper_dir: str | Path | None 
     return render(paper_dir, engine, outputs) if render_output else []
 
 
-# ---------------------------------------------------------------------------------------
-# verify
-# ---------------------------------------------------------------------------------------
+# --- verify
 def verify(outputs: str | Path | None = None, paper_dir: str | Path | None = None) -> list[str]:
     """Problems that make the paper stale or incomplete (empty list: it is up to date)."""
     from prefnb.report import build_text_artifacts, collect_runs
 
-    outputs, paper_dir = Path(outputs or outputs_dir()), Path(paper_dir) if paper_dir else default_paper_dir()
+    outputs, paper_dir = Path(outputs or outputs_dir()), _paper_dir(paper_dir)
     problems: list[str] = []
     fresh = build_text_artifacts(collect_runs(outputs, save=False))
     for rel, text in fresh.items():
@@ -333,51 +310,41 @@ def verify(outputs: str | Path | None = None, paper_dir: str | Path | None = Non
         elif dest.read_text() != text:
             problems.append(f"stale: {dest} differs from a fresh rebuild from {outputs}")
     gen = paper_dir / GENERATED
-    for path in sorted(gen.glob("*/*.md")) + sorted(gen.glob("*/*.csv")):
-        if path.relative_to(gen).as_posix() not in fresh:
-            problems.append(f"stale: {path} is no longer produced by the outputs")
+    problems += [f"stale: {path} is no longer produced by the outputs"
+                 for path in sorted(gen.glob("*/*.md")) + sorted(gen.glob("*/*.csv"))
+                 if path.relative_to(gen).as_posix() not in fresh]
     qmd = paper_dir / PAPER_FILE
     if not qmd.is_file():
         return problems + [f"missing: {qmd}"]
-    var_path = paper_dir / VARIABLES
-    variables = yaml.safe_load(var_path.read_text()) if var_path.is_file() else {}
-    text = expand(qmd.read_text(), paper_dir, variables or {}, problems)
-    for image in referenced_images(text):
-        path = paper_dir / image
-        if not path.is_file() or path.stat().st_size == 0:
-            problems.append(f"missing figure: {path}")
+    text = expand_paper(paper_dir, problems)
+    images = [paper_dir / image for image in referenced_images(text)]
+    problems += [f"missing figure: {path}" for path in images if not path.is_file() or path.stat().st_size == 0]
     # Quarto renders a reference to an id nobody defines as "?@fig-…" with only a warning
-    defined = set(defined_ids(text))
+    defined = {ref for _, ref in _definitions(text)} | {m.group("id") for m in SEC_HEADER.finditer(text)}
     problems += [f"unresolved cross-reference: @{ref} ({qmd.name} refers to it; no figure, table or section of "
                  "the generated inputs defines it)"
                  for ref in dict.fromkeys(CROSSREF.findall(text)) if ref not in defined]
     return problems
 
 
-def defined_ids(text: str) -> list[str]:
-    """The figure, table and section ids an expanded paper defines."""
-    return [ref for _, ref in _definitions(text)] + [m.group("id") for m in SEC_HEADER.finditer(text)]
-
-
 def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | None = None) -> list[str]:
     """Problems of a rendered HTML paper: a figure or table of the paper missing, an image that
     does not decode or (where Chromium is installed) does not load in headless Chromium.
     What was checked is appended to ``notes``."""
-    notes = [] if notes is None else notes
     import base64
     import io
 
     from PIL import Image
 
+    notes = [] if notes is None else notes
+    preview = paper_dir / PREVIEW / "index.html"
     if html is None:
-        html = next((p for p in (paper_dir / "_output" / "index.html", paper_dir / "_preview" / "index.html")
-                     if p.is_file()), paper_dir / "_preview" / "index.html")
+        html = next((p for p in (paper_dir / "_output" / "index.html", preview) if p.is_file()), preview)
     if not html.is_file():
         return [f"missing rendered paper: {html} (run `prefnb paper`)"]
     page, problems = html.read_text(), []
-    variables = yaml.safe_load((paper_dir / VARIABLES).read_text()) if (paper_dir / VARIABLES).is_file() else {}
-    text = expand((paper_dir / PAPER_FILE).read_text(), paper_dir, variables or {}, problems)
-    ids = [i for i in defined_ids(text) if not i.startswith("sec-")]
+    text = expand_paper(paper_dir, problems)
+    ids = [ref for _, ref in _definitions(text)]
     problems += [f"{html}: no element with id {i}" for i in ids if f'id="{i}"' not in page]
     srcs = re.findall(r'<img[^>]+src="([^"]+)"', page)
     if len(srcs) < len(referenced_images(text)):
@@ -413,9 +380,7 @@ def check_html(paper_dir: Path, html: Path | None = None, notes: list[str] | Non
     return problems
 
 
-# ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
+# --- command line
 def require_runs(outputs: Path) -> None:
     """`paper` and `verify` need finished runs: say so, rather than build or pass a paper of nothing."""
     from prefnb.rundir import MARKER
@@ -429,17 +394,16 @@ def require_runs(outputs: Path) -> None:
 def cmd_paper(args: argparse.Namespace) -> int:
     from prefnb.preflight import check_writable
 
-    outputs = Path(args.outputs or outputs_dir())
+    outputs, paper_dir = Path(args.outputs or outputs_dir()), _paper_dir(args.paper)
     require_runs(outputs)
     check_writable(outputs / "report", "--outputs")
-    check_writable((Path(args.paper) if args.paper else default_paper_dir()) / GENERATED, "--paper")
-    files = build_paper(outputs, args.paper, engine=args.engine, render_output=not args.no_render)
-    paper_dir = Path(args.paper) if args.paper else default_paper_dir()
+    check_writable(paper_dir / GENERATED, "--paper")
+    files = build_paper(outputs, paper_dir, engine=args.engine, render_output=not args.no_render)
     print(f"paper inputs: {paper_dir / GENERATED}/ and {paper_dir / VARIABLES} "
           f"(from {args.outputs or outputs_dir()}/report/)")
     for f in files:
         print(f"rendered: {f}")
-    if any(f.parent.name == "_preview" for f in files):
+    if any(f.parent.name == PREVIEW for f in files):
         print(f"note: {BANNER.lower()} (Quarto was not found on PATH)")
     return 0
 
@@ -447,15 +411,14 @@ def cmd_paper(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     outputs = Path(args.outputs or os.environ.get(OUTPUTS_ENV) or outputs_dir())
     require_runs(outputs)
-    problems, notes = verify(outputs, args.paper), []
+    paper_dir = _paper_dir(args.paper)
+    problems, notes = verify(outputs, paper_dir), []
     if args.html is not None:
-        paper_dir = Path(args.paper) if args.paper else default_paper_dir()
         problems += check_html(paper_dir, Path(args.html) if args.html else None, notes)
     if args.pdf is not None:
         from prefnb.paper_pdf import check_pdf
 
-        paper_dir = Path(args.paper) if args.paper else default_paper_dir()
-        problems += check_pdf(paper_dir, Path(args.pdf) if args.pdf else paper_dir / "_preview" / "index.pdf", notes)
+        problems += check_pdf(paper_dir, Path(args.pdf) if args.pdf else paper_dir / PREVIEW / "index.pdf", notes)
     if problems:
         print(f"prefnb verify: FAILED ({len(problems)} problem(s)); run `prefnb paper` to rebuild:", file=sys.stderr)
         for p in problems:

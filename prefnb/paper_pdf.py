@@ -2,15 +2,7 @@
 
 Debian's pandoc (2.17) has no Typst writer, so this uses the pandoc 3 binary of the PyPI
 package ``pypandoc-binary`` and the Typst compiler of the PyPI package ``typst`` (the
-``paper`` extra). The markdown is the HTML preview's (shortcodes and cross references
-expanded by :mod:`prefnb.paper`); the options come from ``_quarto.yml``'s ``typst`` format:
-paper size, margins, font size, citeproc (citations formatted by pandoc, as with Quarto's
-``citeproc: true``) and the header (the show rule that lets a captioned table, a Typst
-figure, break across pages).
-
-:func:`check_pdf` reads the PDF back with poppler's ``pdftotext``: a word outside the text
-area (a table too wide, or one cut off at the bottom of a page) or a citation key printed
-as such (unresolved) is a problem.
+``paper`` extra), on the HTML preview's expanded markdown.
 """
 
 from __future__ import annotations
@@ -59,9 +51,8 @@ def render_pdf(paper_dir: Path, markdown: Path) -> Path:
     # Typst numbers its figures and tables itself: drop the preview's "Figure 3: " / "Table 4: "
     text = re.sub(r"^(: |!\[)(?:Figure|Table) \d+: ", r"\1", text, flags=re.M)
     source.write_text(text)
-    margin = fmt.get("margin") or {}
     variables = [f"papersize={fmt.get('papersize', 'a4')}", f"fontsize={fmt.get('fontsize', '10pt')}"]
-    variables += [f"margin.{k}={v}" for k, v in margin.items()]
+    variables += [f"margin.{k}={v}" for k, v in (fmt.get("margin") or {}).items()]
     typ = out_dir / "index.typ"
     cmd = [pypandoc.get_pandoc_path(), source.name, "--from", "markdown", "--to", "typst", "--standalone",
            "--resource-path", "..", *[o.replace("--bibliography=", "--bibliography=../") for o in
@@ -87,8 +78,7 @@ def check_pdf(paper_dir: Path, pdf: Path, notes: list[str] | None = None) -> lis
         return [f"missing PDF preview: {pdf} (run `prefnb paper --engine pandoc` with the `paper` extra)"]
     if not shutil.which("pdftotext"):
         return ["pdftotext not found: the PDF cannot be checked (apt-get install poppler-utils)"]
-    fmt = typst_format(paper_dir)
-    margin = fmt.get("margin") or {}
+    margin = typst_format(paper_dir).get("margin") or {}
     mx, my = _length_pt(margin.get("x", "2cm")), _length_pt(margin.get("y", "2cm"))
     html = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
     problems, pages = [], re.findall(r'<page width="([\d.]+)" height="([\d.]+)">(.*?)</page>', html, re.S)
@@ -111,8 +101,9 @@ def check_pdf(paper_dir: Path, pdf: Path, notes: list[str] | None = None) -> lis
     problems += [f"{pdf}: citation {key} printed unresolved" for key in sorted(cited) if key in text]
     unresolved = sorted(set(re.findall(r"\?(?:fig|tbl|sec)-[\w-]+", text)))
     problems += [f"{pdf}: unresolved cross reference {ref}" for ref in unresolved]
-    problems += [f"pandoc (typst): {line}" for line in (pdf.parent / "typst-warnings.txt").read_text().splitlines()
-                 if line.strip()] if (pdf.parent / "typst-warnings.txt").is_file() else []
+    warnings = pdf.parent / "typst-warnings.txt"
+    problems += [f"pandoc (typst): {line}" for line in (warnings.read_text().splitlines() if warnings.is_file() else [])
+                 if line.strip()]
     notes.append(f"{pdf}: {len(pages)} pages, every word inside the text area, {len(cited)} citation keys resolved"
                  if not problems else f"{pdf}: {len(pages)} pages checked")
     return problems

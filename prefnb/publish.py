@@ -1,39 +1,7 @@
 """`prefnb publish PROFILE` and `prefnb verify FOLDER`: a finished study, published in the repository.
 
-`prefnb publish laptop` turns the outputs of one profile's study (``<project>/outputs`` or
-``--outputs DIR``) into ``results/laptop/``, a small folder meant to be committed:
-
-- ``runs.csv``        the report's runs table (:func:`prefnb.report.collect_runs`, the rows every
-                      table and figure of the paper uses), without the machine-local path columns;
-- ``findings.csv``, ``findings.json``  the paper's ``@tbl-findings`` (:mod:`prefnb.report`'s
-                      ``tables/findings.csv``) and, in the JSON, the numbers its text quotes;
-- ``figures/*.png``   the study's figures;
-- ``paper/index.html`` (and ``paper/index.pdf`` where the PDF preview can be built): the
-                      self-contained pandoc preview of the paper (:func:`prefnb.paper.build_paper`);
-- ``manifest.json``   the code version and commit the runs were made with (and publish ran with),
-                      the profile, the machine (CPU model, cores, RAM, GPU), package versions, the
-                      study's wall-clock, the runs done and failed, and the sha256 of every file.
-
-It refuses, in one line and before writing anything, when the study is incomplete (a run of the
-profile's grid without ``COMPLETE``), when the outputs hold a finished run that is not a run of
-that profile (the report reads every finished run, so it would be published too), when the
-working tree or a run's code version is ``-dirty``, or when the runs were made at more than one
-code version. The folder is built in a temporary sibling and renamed into place, so a publish
-that fails part-way leaves the previous publication as it was.
-
-It then rewrites the README's findings section (between :data:`BEGIN` and :data:`END`) from
-``results/laptop/`` (:func:`readme_section`): the findings rows, the model, the seeds and the one
-command that reproduces them. Without ``results/laptop/`` the section says that no real-model
-study has been published yet. Nothing in it is typed by hand; a test checks that the README
-holds exactly what :func:`readme_section` generates.
-
-`prefnb verify results/laptop` checks a published folder: every file against the manifest's
-sha256 and, where the outputs it came from are present, the same run ids, every cell of the runs
-table and the findings to the digit, and the same code version; and the README section. With
-``--subset`` the outputs may hold only some of the published runs (a partial rerun from a clean
-clone, e.g. ``--only 00_baselines``): their ``eval/`` and ``test/`` metrics must equal the
-published ones (costs such as ``train/seconds`` vary between machines and are not compared).
-It fails in one line naming the first mismatch.
+What the folder holds, when publish refuses, the README findings section it writes and what
+verify compares: README.md, "Publishing a study".
 """
 
 from __future__ import annotations
@@ -46,11 +14,13 @@ import platform
 import re
 import shutil
 import socket
+import sys
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefnb.paper import _user_error
 from prefnb.project import find_project
 from prefnb.rundir import MARKER, atomic_write_text, now_iso
 
@@ -70,12 +40,6 @@ METRIC_PREFIXES = ("eval/", "test/")  # what a rerun elsewhere must reproduce (c
 TIMING_SUFFIX = "/seconds"            # ... but not the time a split's evaluation took (eval/seconds)
 
 
-def _user_error(message: str) -> Exception:
-    from prefnb.cli import UserError  # here, not at the top: prefnb.cli imports this module
-
-    return UserError(message)
-
-
 def _code_version() -> str:
     from prefnb import manifest
 
@@ -86,9 +50,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------
-# what may be published
-# ---------------------------------------------------------------------------------------
+# --- what may be published
 def _run_dirs(outputs: Path) -> list[Path]:
     """Every finished run directory under ``outputs`` (as :func:`prefnb.report.collect_runs` reads them)."""
     from prefnb.report import REPORT_DIR
@@ -112,17 +74,16 @@ def check_publishable(study, outputs: Path) -> list[Path]:
 
     profile = study.profile.stem
     ids = set(study.by_id)
-    todo = [(run, state(study, run)) for run in study.runs]
-    todo = [(run, s) for run, s in todo if s != "finished"]
+    todo = [(run, status) for run in study.runs if (status := state(study, run)) != "finished"]
     if todo:
-        run, s = todo[0]
+        run, status = todo[0]
         strays = sum(d.name not in ids for d in _run_dirs(outputs))
         hint = (f"; the outputs hold {strays} finished runs that are not this study's (another profile, or a study "
                 "of another project folder: the ids of runs that start from other runs include the outputs' path "
                 "when it is outside the project)") if strays else ""
         raise _user_error(f"the {profile} study is incomplete: {len(todo)} of {len(study.runs)} runs not finished "
-                          f"under {outputs} (first: {run.experiment}/{run.run_id}, {s}); run `prefnb study --profile "
-                          f"{profile}` first{hint}")
+                          f"under {outputs} (first: {run.experiment}/{run.run_id}, {status}); run `prefnb study "
+                          f"--profile {profile}` first{hint}")
     # A run of this study made under another profile's name has the same resolved params (its id
     # says so), hence the same numbers: only runs outside the study are refused.
     for run_dir in (d for d in _run_dirs(outputs) if d.name not in ids):
@@ -149,9 +110,7 @@ def check_publishable(study, outputs: Path) -> list[Path]:
     return run_dirs
 
 
-# ---------------------------------------------------------------------------------------
-# the folder's files
-# ---------------------------------------------------------------------------------------
+# --- the folder's files
 def published_runs(df: pd.DataFrame) -> str:
     """The runs table as published: the report's table without the machine-local path columns."""
     from prefnb.report import runs_csv
@@ -166,29 +125,29 @@ def findings_files(files: dict[str, str]) -> dict[str, str]:
     from prefnb.metrics import TASK_METRIC
 
     table = files["tables/findings.csv"]
-    rows = _table(table)
-    numbers = json.loads(files["numbers.json"])
-    return {FINDINGS_CSV: table,
-            FINDINGS_JSON: json.dumps({"rows": rows.to_dict("records"), "numbers": numbers.get("findings", {}),
-                                       "metric": TASK_METRIC}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"}
+    findings = {"rows": _table(table).to_dict("records"), "metric": TASK_METRIC,
+                "numbers": json.loads(files["numbers.json"]).get("findings", {})}
+    return {FINDINGS_CSV: table, FINDINGS_JSON: _json_text(findings)}
+
+
+def _json_text(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def machine() -> dict[str, Any]:
     """The machine publish runs on: CPU model, cores, RAM, GPU."""
-    cpu = platform.processor() or platform.machine()
     try:
         names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = names[0].strip() if names else cpu
     except OSError:
-        pass
+        names = []
+    cpu = names[0].strip() if names else platform.processor() or platform.machine()
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         ram = None
     import torch
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
-        else []
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram, "gpus": gpus, "system": platform.platform()}
 
 
@@ -202,12 +161,11 @@ def commit_of(code_version: str) -> str | None:
     import subprocess
 
     described = code_version.split("+", 1)[-1].removesuffix("-dirty") if "+" in code_version else ""
-    name = described.rsplit("-g", 1)[-1] if "-g" in described else described
+    name = described.rsplit("-g", 1)[-1]  # 0.1.0+v1.2-3-gabc1234 names abc1234
     if not name:
         return None
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=root,
-                         capture_output=True, text=True)
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
     return out.stdout.strip() or None
 
 
@@ -247,9 +205,7 @@ def study_manifest(study, run_dirs: list[Path], df: pd.DataFrame) -> dict[str, A
     }
 
 
-# ---------------------------------------------------------------------------------------
-# publish
-# ---------------------------------------------------------------------------------------
+# --- publish
 def publish(profile: str, *, project: Path | None = None, outputs: Path | None = None) -> Path:
     """Write ``<project>/results/<profile>/`` from the study's outputs and rewrite the README's
     findings section. Returns the folder. Raises a one-line UserError (nothing written) when the
@@ -288,7 +244,7 @@ def publish(profile: str, *, project: Path | None = None, outputs: Path | None =
         for path in rendered:
             shutil.copy2(path, tmp / PAPER / path.name)
         meta["files"] = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        (tmp / MANIFEST).write_text(_json_text(meta))
         _replace_dir(tmp, results / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -311,9 +267,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------
-# the README's findings section
-# ---------------------------------------------------------------------------------------
+# --- the README's findings section
 def _split_readme(text: str, path: Path) -> tuple[str, str, str]:
     """(before, section, after) around the markers; a one-line error where they are not one pair."""
     begin = [m.start() for m in re.finditer(f"^{re.escape(BEGIN)}$", text, re.M)]
@@ -322,10 +276,6 @@ def _split_readme(text: str, path: Path) -> tuple[str, str, str]:
         raise _user_error(f"{path}: expected one '{BEGIN}' line followed by one '{END}' line around the findings "
                           "section")
     return text[:begin[0]], text[begin[0] + len(BEGIN):end[0]], text[end[0] + len(END):]
-
-
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|")
 
 
 REPRODUCE = f"prefnb study --profile {README_PROFILE} && prefnb publish {README_PROFILE}"
@@ -337,7 +287,6 @@ def readme_section(results: Path) -> str:
     from prefnb.metrics import TASK_METRIC
 
     folder = results / README_PROFILE
-    gpu = FULL_GRIDS
     lines = ["## Findings", ""]
     if not (folder / MANIFEST).is_file():
         return "\n".join(lines + [
@@ -345,7 +294,7 @@ def readme_section(results: Path) -> str:
             f"no findings to report here. To produce and publish them on a laptop's CPU (the `{README_PROFILE}` "
             "profile: a real pretrained model, installed by the setup below):", "",
             "```bash", REPRODUCE, "```", "",
-            f"The full grids run on a GPU with {gpu}. `prefnb publish` writes this section from the published "
+            f"The full grids run on a GPU with {FULL_GRIDS}. `prefnb publish` writes this section from the published "
             "folder; nothing in it is typed by hand.", ""])
     meta = json.loads((folder / MANIFEST).read_text())
     rows = _table((folder / FINDINGS_CSV).read_text())
@@ -365,16 +314,17 @@ def readme_section(results: Path) -> str:
         f"{RESULTS}/{README_PROFILE}/{PAPER}/index.html`).", ""]
     if len(rows):
         lines += ["| " + " | ".join(rows.columns) + " |", "|" + "|".join("---" for _ in rows.columns) + "|"]
-        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows.itertuples(index=False)]
+        lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |"
+                  for row in rows.itertuples(index=False)]
     else:
         lines += ["The published findings table has no rows: no comparison could be made from these runs."]
     lines += ["", "Reproduce them on a laptop (`prefnb verify " + f"{RESULTS}/{README_PROFILE}` then checks the "
               "new outputs against this folder):", "", "```bash", REPRODUCE, "```", ""]
     if left:
         lines += [f"The {README_PROFILE} profile does not run " + ", ".join(f"`{e}`" for e in left)
-                  + f": those questions are left to the full grids on a GPU, {gpu}.", ""]
+                  + f": those questions are left to the full grids on a GPU, {FULL_GRIDS}.", ""]
     else:
-        lines += [f"The full grids run on a GPU with {gpu}.", ""]
+        lines += [f"The full grids run on a GPU with {FULL_GRIDS}.", ""]
     return "\n".join(lines)
 
 
@@ -392,9 +342,7 @@ def readme_problem(readme: Path, results: Path) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------
-# verify
-# ---------------------------------------------------------------------------------------
+# --- verify
 def _table(text: str) -> pd.DataFrame:
     """A CSV's cells as the text they are (so that comparisons are to the digit)."""
     import pandas as pd
@@ -440,18 +388,15 @@ def verify_published(folder: Path, *, outputs: Path | None = None, subset: bool 
                     f"{missing[0]}); pass --subset to compare those only"), notes
         if extra:
             return f"{outputs} holds run {extra[0]}, which {folder / RUNS} does not", notes
+        metrics = [c for c in published.columns if c.startswith(METRIC_PREFIXES) and not c.endswith(TIMING_SUFFIX)]
+        shared = published[published["run_id"].isin(set(fresh["run_id"]))]  # without --subset: every run
+        mismatch = _first_difference(shared, fresh, str(folder / RUNS), columns=metrics if subset else None)
+        if mismatch:
+            return mismatch, notes
         if subset:
-            columns = [c for c in published.columns if c.startswith(METRIC_PREFIXES) and not c.endswith(TIMING_SUFFIX)]
-            mismatch = _first_difference(published[published["run_id"].isin(set(fresh["run_id"]))], fresh,
-                                         str(folder / RUNS), columns=columns)
-            if mismatch:
-                return mismatch, notes
-            notes.append(f"{len(fresh)} of {len(ids)} published runs are in {outputs}: their {len(columns)} eval/ "
+            notes.append(f"{len(fresh)} of {len(ids)} published runs are in {outputs}: their {len(metrics)} eval/ "
                          "and test/ metrics match to the digit")
         else:
-            mismatch = _first_difference(published, fresh, str(folder / RUNS))
-            if mismatch:
-                return mismatch, notes
             versions = sorted(set(fresh.get("code_version", [])))
             if versions != [meta.get("code_version")]:
                 return (f"{folder / MANIFEST}: code version {meta.get('code_version')}, the outputs' runs "
@@ -483,9 +428,7 @@ def verify_published(folder: Path, *, outputs: Path | None = None, subset: bool 
     return None, notes
 
 
-# ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
+# --- command line
 def cmd_publish(args) -> int:
     folder = publish(args.profile, outputs=Path(args.outputs) if args.outputs else None)
     meta = json.loads((folder / MANIFEST).read_text())
@@ -497,8 +440,6 @@ def cmd_publish(args) -> int:
 
 def cmd_verify(args) -> int:
     """`prefnb verify FOLDER`: a published folder; `prefnb verify`: the paper (:mod:`prefnb.paper`)."""
-    import sys
-
     from prefnb.paper import cmd_verify as verify_paper
 
     if args.published is None:
