@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from prefnb.project import outputs_dir
-from prefnb.project import paper_dir as project_paper_dir
+from prefnb.project import paper_dir as default_paper_dir  # the project's paper/, found from the working directory
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ def _user_error(message: str) -> Exception:
     from prefnb.cli import UserError  # here, not at the top: prefnb.cli imports this module
 
     return UserError(message)
+
+
+def _yaml(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 # --- generated inputs: outputs/report → paper/
@@ -100,9 +104,7 @@ def expand(text: str, paper_dir: Path, variables: dict, problems: list[str], dep
 
 def expand_paper(paper_dir: Path, problems: list[str]) -> str:
     """The paper's index.qmd, expanded with the variables of its _variables.yml."""
-    var_path = paper_dir / VARIABLES
-    variables = yaml.safe_load(var_path.read_text()) if var_path.is_file() else {}
-    return expand((paper_dir / PAPER_FILE).read_text(), paper_dir, variables or {}, problems)
+    return expand((paper_dir / PAPER_FILE).read_text(), paper_dir, _yaml(paper_dir / VARIABLES), problems)
 
 
 def metadata(paper_dir: Path) -> dict:
@@ -110,8 +112,7 @@ def metadata(paper_dir: Path) -> dict:
     which experiments these outputs hold), merged in order as Quarto does."""
     meta: dict = {}
     for name in quarto_config(paper_dir).get("metadata-files") or []:
-        path = paper_dir / name
-        meta.update((yaml.safe_load(path.read_text()) or {}) if path.is_file() else {})
+        meta.update(_yaml(paper_dir / name))
     return meta
 
 
@@ -191,8 +192,7 @@ div[class*="callout"][title]::before { content: attr(title); display: block; fon
 
 
 def quarto_config(paper_dir: Path) -> dict:
-    path = paper_dir / "_quarto.yml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return _yaml(paper_dir / "_quarto.yml")
 
 
 def pandoc_options(paper_dir: Path, fmt: str) -> list[str]:
@@ -267,11 +267,6 @@ def render(paper_dir: Path, engine: str = "auto", outputs: Path | None = None) -
     if result.returncode != 0:
         raise _user_error(f"`quarto render {paper_dir}` failed (exit {result.returncode}); see its output above")
     return sorted(p for p in (paper_dir / "_output").glob("index.*") if p.suffix in (".html", ".pdf"))
-
-
-def default_paper_dir() -> Path:
-    """The project's paper/ (:mod:`prefnb.project`: found from the working directory)."""
-    return project_paper_dir()
 
 
 def _paper_dir(paper_dir: str | Path | None) -> Path:

@@ -119,9 +119,7 @@ def published_runs(df: pd.DataFrame) -> str:
 
 
 def findings_files(files: dict[str, str]) -> dict[str, str]:
-    """findings.csv and findings.json from the report's text artifacts (``build_text_artifacts``):
-    the paper's ``@tbl-findings`` table as it is, and in the JSON its rows and the numbers the
-    paper's text quotes about them (``numbers.json``'s ``findings``)."""
+    """findings.csv and findings.json from the report's text artifacts (``build_text_artifacts``)."""
     from prefnb.metrics import TASK_METRIC
 
     table = files["tables/findings.csv"]
@@ -180,14 +178,13 @@ def study_manifest(study, run_dirs: list[Path], df: pd.DataFrame) -> dict[str, A
     finished = [r["finished_at"] for r in records if r.get("finished_at")]
     span = ((datetime.fromisoformat(max(finished)) - datetime.fromisoformat(min(started))).total_seconds()
             if started and finished else None)
-    hosts = {r.get("host") for r in records}
     published_with = _code_version()
     return {
         "profile": study.profile.stem,
         "code_version": code_version, "commit": commit_of(code_version), "dirty": code_version.endswith("-dirty"),
         "published_with": {"code_version": published_with, "commit": commit_of(published_with),
                            "dirty": published_with.endswith("-dirty"), "at": now_iso()},
-        "machine": {**machine(), "ran_the_runs": hosts == {socket.gethostname()}},
+        "machine": {**machine(), "ran_the_runs": {r.get("host") for r in records} == {socket.gethostname()}},
         "devices": sorted({str(r.get("device")) for r in runs}),
         "packages": {name: _one_or_all([r.get("packages", {}).get(name) for r in runs])
                      for name in sorted({k for r in runs for k in r.get("packages", {})})},
@@ -234,10 +231,9 @@ def publish(profile: str, *, project: Path | None = None, outputs: Path | None =
     tmp = results / f".{name}.publishing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for rel, text in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_text(text)
         (tmp / FIGURES).mkdir(parents=True)
+        for rel, text in files.items():
+            (tmp / rel).write_text(text)
         for png in sorted((outputs / "report" / "figures").glob("*.png")):
             shutil.copy2(png, tmp / FIGURES / png.name)
         (tmp / PAPER).mkdir()
@@ -372,13 +368,11 @@ def verify_published(folder: Path, *, outputs: Path | None = None, subset: bool 
     meta = _read_json(folder / MANIFEST)
     if not meta.get("files"):
         return f"{folder / MANIFEST}: missing or not a publication's manifest", notes
-    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
     published = _table((folder / RUNS).read_text() if (folder / RUNS).is_file() else "")
     ids = set(published.get("run_id", []))
 
     outputs = Path(outputs) if outputs else find_project(folder).joinpath("outputs")
-    present = [d for d in _run_dirs(outputs) if d.name in ids] if outputs.is_dir() else []
-    if present:
+    if outputs.is_dir() and any(d.name in ids for d in _run_dirs(outputs)):
         df = collect_runs(outputs, save=False)
         fresh = _table(published_runs(df))
         extra = sorted(set(fresh["run_id"]) - ids)
@@ -415,8 +409,10 @@ def verify_published(folder: Path, *, outputs: Path | None = None, subset: bool 
             return f"{path}: listed in {MANIFEST} but missing", notes
         if sha256(path) != digest:
             return f"{path}: sha256 differs from {MANIFEST}'s", notes
-    if on_disk - set(meta["files"]):
-        return f"{folder / sorted(on_disk - set(meta['files']))[0]}: not listed in {MANIFEST}", notes
+    unlisted = sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+                      - {MANIFEST, *meta["files"]})
+    if unlisted:
+        return f"{folder / unlisted[0]}: not listed in {MANIFEST}", notes
     notes.append(f"{len(meta['files'])} files match the manifest's sha256")
     if meta.get("profile") == README_PROFILE and folder.resolve() == (folder.parent / README_PROFILE).resolve():
         readme = readme or find_project(folder) / "README.md"
