@@ -81,10 +81,11 @@ def load_history(params_or_dir) -> "pd.DataFrame":
     return wide.melt(id_vars="step", var_name="metric", value_name="value").dropna()
 
 
-def plot_history(params_or_dir):
+def plot_history(params_or_dir, *, save: bool = True):
     """Training curves with seaborn: the loss, and for preference runs the implicit rewards,
     log-probs and reward accuracy; dev evaluations as they were logged. Saves ``history.png``
-    in the run directory and shows it; returns the matplotlib figure (None when nothing was logged)."""
+    in the run directory (unless ``save=False``) and shows it; returns the matplotlib figure (None
+    when nothing was logged)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -105,6 +106,8 @@ def plot_history(params_or_dir):
         ax.legend(fontsize="small", title=None)
     fig.suptitle(run_dir(params_or_dir).name)
     fig.tight_layout()
+    if not save:
+        return fig
     path = run_dir(params_or_dir) / "history.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(fig)  # show the saved file rather than render the figure a second time
