@@ -227,13 +227,17 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
             raise bad from None
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool) and not m["choices"]:
         value = str(value)  # e.g. `model: 123` is a path-like string, not a type error
-    # a bool is an int in Python; here true/false is a bool only, never an integer or a number
-    if isinstance(value, bool) != (typ is bool) or not isinstance(value, (int, float) if typ is float else typ):
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif isinstance(value, bool):  # a bool is an int in Python; true/false is never a number here
         raise bad
-    if typ is float:
-        if math.isnan(value):
+    elif typ is float:
+        if not isinstance(value, (int, float)) or math.isnan(value):
             raise bad
         value = float(value)
+    elif not isinstance(value, typ):
+        raise bad
     if m["choices"] and value not in m["choices"] and not m["open_choices"]:
         raise bad
     if m["min"] is not None and (value < m["min"] or (m["min_exclusive"] and value == m["min"])):

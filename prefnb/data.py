@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -84,9 +84,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 
     An explicit choice that does not exist is an error, not a fallback: a typo never trains on other data.
     """
-    if data_dir or os.environ.get("PREFNB_DATA"):
-        source = "data_dir" if data_dir else "PREFNB_DATA"
-        candidates = [Path(data_dir or os.environ["PREFNB_DATA"]).expanduser()]
+    if data_dir:
+        candidates, source = [Path(data_dir).expanduser()], "data_dir"
+    elif os.environ.get("PREFNB_DATA"):
+        candidates, source = [Path(os.environ["PREFNB_DATA"]).expanduser()], "PREFNB_DATA"
     else:
         from prefnb.project import find_project
 
@@ -443,9 +444,11 @@ class TaskData:
     stats: dict[str, int] = field(default_factory=dict)  # rows read / skipped / split sizes, for summaries
 
     def hashes(self) -> dict[str, str]:
-        """sha256 of each non-empty split (the list fields)."""
-        splits = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {name: dataset_hash(rows) for name, rows in splits.items() if isinstance(rows, list) and rows}
+        """sha256 of each non-empty split (the manifest's ``datasets_sha256``)."""
+        splits = {"train_sft": self.train_sft, "train_pairs": self.train_pairs, "eval_rows": self.eval_rows,
+                  "eval_pairs": self.eval_pairs, "test_rows": self.test_rows, "test_pairs": self.test_pairs,
+                  "unscored_prompts": self.unscored_prompts}
+        return {name: dataset_hash(rows) for name, rows in splits.items() if rows}
 
 
 # Tasks whose rejected responses are sampled from the starting policy when rejected_source is

@@ -234,11 +234,16 @@ def score_pairs(model, chosen: Sequence[Encoded], rejected: Sequence[Encoded], *
     hidden_size = getattr(model.config, "hidden_size", None)
     order = sorted(range(len(chosen)), key=lambda i: max(len(chosen[i].ids), len(rejected[i].ids)))
     step = max(1, batch_size // 2)
-    batches = [order[start:start + step] for start in range(0, len(order), step)]
-    parts = [sequence_logps(model, collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, device,
-                                                 hidden_size=hidden_size))[0].chunk(2) for idx in batches]
+    out_chosen, out_rejected = [], []
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, device,
+                              hidden_size=hidden_size)
+        chosen_logps, rejected_logps = sequence_logps(model, batch)[0].chunk(2)  # rows: [chosen; rejected]
+        out_chosen.append(chosen_logps)
+        out_rejected.append(rejected_logps)
     model.train(was_training)
-    return _in_original_order([c for c, _ in parts], order), _in_original_order([r for _, r in parts], order)
+    return _in_original_order(out_chosen, order), _in_original_order(out_rejected, order)
 
 
 def _score_single_tokens(model, items: Sequence[Encoded], *, pad_id: int, batch_size: int, device) -> Tensor:

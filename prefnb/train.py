@@ -2,7 +2,8 @@
 
 Reads top to bottom: set up → prepare (reference log-probs, once) → loop → evaluate → write.
 On accelerate: CPU, one GPU (bf16 autocast) or several (`accelerate launch`; each process takes
-its slice of every global batch). The loop syncs with the host only every `log_every` steps.
+its slice of every global batch). The loop syncs with the host only every `log_every` steps
+(and at the timing marks of `prefnb.timing`).
 """
 
 from __future__ import annotations

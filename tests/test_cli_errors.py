@@ -57,6 +57,8 @@ CASES = [
      r"key 'task' must be one of .* got False \(YAML reads an unquoted yes/no/on/off/true/false as a boolean"),
     ("1e3 read as a string", lambda t, m: ["train", _file(t, "p.yaml", "max_steps: 1e3\n")],
      r"key 'max_steps' must be an integer >= 1, got '1e3' \(YAML reads 1e3 as a string; write the integer 1000\)"),
+    ("inf for an integer", lambda t, m: ["train", "--set", "max_steps=inf"],
+     r"key 'max_steps' must be an integer >= 1, got 'inf'"),
     ("not valid YAML", lambda t, m: ["train", _file(t, "p.yaml", "beta: [0.1\n")], r"p\.yaml: not valid YAML"),
     ("params file missing", lambda t, m: ["train", str(t / "nope.yaml")], r"nope\.yaml: params file not found"),
     ("max_length beyond the model's positions", lambda t, m: ["train", *SONNET_RUN, "--set", "max_length=4096"],
