@@ -3,13 +3,14 @@ chrF, implicit-reward accuracy."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from prefnb.data import ANSWERS
-from prefnb.logprobs import encode, score_all, score_pairs
+from prefnb.logprobs import encode, eval_mode, score_all, score_pairs
 
 # The sampled decoding of the benchmark these sonnet files come from (its sonnet generation
 # samples with temperature 1.2 and nucleus mass 0.9); reported as test/chrf_sampled beside greedy.
@@ -64,7 +65,9 @@ class LineBudget:
         return self.newline_counts[input_ids[:, self.prompt_length:]].sum(dim=1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores [B, V]
-        scores[self.lines_written(input_ids) < self.lines, self.eos_token_id] = float("-inf")
+        # masked_fill_ on the EOS column, not boolean-mask indexing: that would run nonzero(), a host
+        # sync at every generated token on a GPU
+        scores[:, self.eos_token_id].masked_fill_(self.lines_written(input_ids) < self.lines, float("-inf"))
         return scores
 
     def done(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:  # [B] bool
@@ -90,26 +93,26 @@ def generate_with_ends(model, tokenizer, prompts: Sequence[str], *, max_new_toke
                        device, lines: Sequence[int] | None = None,
                        newline_counts: torch.Tensor | None = None) -> list[tuple[str, bool]]:
     """(continuation, whether the model emitted EOS) for each prompt: greedy, or top-p sampling
-    seeded by ``seed`` (the global RNG is restored after). A continuation without EOS was cut
-    off by ``max_new_tokens``, or (with ``lines``, where no row emits EOS) by its line budget;
-    ``newline_counts``: :meth:`LineBudget.newline_counts_of` of ``tokenizer``, if the caller has it."""
+    seeded by ``seed`` (the global CPU RNG and this device's CUDA RNG are restored after). A
+    continuation without EOS was cut off by ``max_new_tokens``, or (with ``lines``, where no row
+    emits EOS) by its line budget; ``newline_counts``: :meth:`LineBudget.newline_counts_of` of
+    ``tokenizer``, if the caller has it."""
     if lines is not None:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if newline_counts is None:
             newline_counts = LineBudget.newline_counts_of(tokenizer)
         newline_counts = newline_counts.to(device)
-    was_training, pad_side, generator_state = model.training, tokenizer.padding_side, torch.random.get_rng_state()
-    model.eval()
-    tokenizer.padding_side = "left"  # generation appends on the right
-    torch.manual_seed(seed)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_p=top_p, temperature=temperature)
+    cuda = [device] if torch.device(device).type == "cuda" else []
     outputs: list[tuple[str, bool]] = []
-    try:
+    # training's random streams go on untouched; generation appends on the right, so pad on the left
+    with eval_mode(model), torch.random.fork_rng(devices=cuda), _padding_side(tokenizer, "left"):
+        torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
                             truncation=True, max_length=max(1, max_length - max_new_tokens)).to(device)
-            sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_p=top_p, temperature=temperature)
             if lines is not None:
                 budget = LineBudget(newline_counts, torch.tensor(lines[start:start + batch_size], device=device),
                                     enc["input_ids"].shape[1], tokenizer.eos_token_id)
@@ -123,11 +126,16 @@ def generate_with_ends(model, tokenizer, prompts: Sequence[str], *, max_new_toke
             ended = [False] * len(chunk) if lines is not None else \
                 (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
             outputs += zip(tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended)
-    finally:
-        tokenizer.padding_side = pad_side
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
     return outputs
+
+
+@contextmanager
+def _padding_side(tokenizer, side: str):
+    saved, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = saved
 
 
 def first_lines(text: str, n: int) -> str:

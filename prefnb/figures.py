@@ -212,8 +212,8 @@ def draw_sft_objectives(data):
 
 FIGURES = [
     Figure("methods", Q1_EXPERIMENTS,
-           "Test-split task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the SFT "
-           "model), one bar per fine-tuning method that ran (full fine-tuning, FFT; LoRA).", _methods, draw_methods,
+           "Test-split task metrics of SFT, DPO alone (reference = base model) and staged SFT→DPO (reference = the "
+           "SFT model), one bar per fine-tuning method that ran (full fine-tuning, FFT; LoRA).", _methods, draw_methods,
            "Bar charts, one panel per task metric: the test score of SFT, DPO alone and staged SFT→DPO, one bar per "
            "fine-tuning method, with 95% t-interval error bars over seeds."),
     Figure("beta", ("04_reference_strength",),

@@ -118,7 +118,9 @@ def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.Data
     :func:`findings_markdown` names under the table); ``floors``: :func:`floor`'s."""
     rows, numbers = [], {"not_made": []}
 
-    def add(question: str, key: str, comparison: str, task: str, stats: tuple) -> None:
+    def add(question: str, key: str, name: str, task: str, stats: tuple, detail: str = "") -> None:
+        """``name``: what is compared; ``detail``: which cells (the best one against its default)."""
+        comparison = f"{name}: {detail}" if detail else name
         spec = _metric_spec("test_quality", task)[1]
         m, lo, hi, pairs, seeds = stats
         difference, said = fmt(m, spec, True), verdict(stats, spec)
@@ -130,7 +132,7 @@ def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.Data
         if pairs:
             rows.append(dict(zip(COLUMNS, [question, comparison, task, difference, interval, seeds, said])))
         else:  # a profile that leaves an experiment out (the laptop's) says so under the table
-            numbers["not_made"].append([question, comparison.split(":")[0], task])
+            numbers["not_made"].append([question, name, task])
 
     for task in TASK_METRIC:
         t_sft, f = matching(df, experiment="01_sft", task=task), floors[task]
@@ -145,15 +147,15 @@ def findings(df: pd.DataFrame, floors: dict[str, pd.DataFrame]) -> tuple[pd.Data
         sweep = matching(preference_runs(runs_of(df, "04_reference_strength")), task=task)
         comparison, stats = _best_against(sweep, ["reward", "reference_kind", "beta"],
                                           ("dpo", "SFT model", _default_beta(sweep)), ["task", "seed"])
-        add("Q2", "best_beta", "(reward, reference, β): " + comparison, task, stats)
+        add("Q2", "best_beta", "(reward, reference, β)", task, stats, comparison)
         variants = matching(largest_train_size(runs_of(df, "06_dpo_variants")), task=task)
         for scenario, label in SCENARIOS.items():
             comparison, stats = _best_against(matching(variants, scenario=label), ["objective"], ("dpo",),
                                               ["task", "seed"])
-            add("Q3", f"best_objective_{scenario}", f"objective, {label}: " + comparison, task, stats)
+            add("Q3", f"best_objective_{scenario}", f"objective, {label}", task, stats, comparison)
         after = matching(runs_of(df, "07_sft_objectives"), stage="after DPO", task=task)
         comparison, stats = _best_against(after, ["sft_objective", "sft_lr_scale"], ("kl", "1×"), ["task", "seed"])
-        add("Q4", "best_sft_objective", "(SFT objective, learning rate) → DPO: " + comparison, task, stats)
+        add("Q4", "best_sft_objective", "(SFT objective, learning rate) → DPO", task, stats, comparison)
     return pd.DataFrame(rows, columns=COLUMNS), numbers
 
 
@@ -165,7 +167,7 @@ def findings_markdown(table: pd.DataFrame, not_made: list[list[str]] = ()) -> st
         by_comparison: dict[tuple[str, str], list[str]] = {}
         for question, comparison, task in not_made:
             by_comparison.setdefault((question, comparison), []).append(task)
-        missing = (". Not made from these runs (no paired runs: their experiments were not run, or failed; the "
+        missing = (". Not made from these runs (no paired runs: their experiments did not run on that task, or failed; the "
                    f"full grids on a GPU, {FULL_GRIDS}, run every experiment): "
                    + "; ".join(f"{q} {c} ({', '.join(tasks)})" for (q, c), tasks in by_comparison.items()))
     return table_or_note(table, "tbl-findings", "Findings", ": each question's comparisons as paired differences in "

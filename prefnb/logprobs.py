@@ -9,6 +9,7 @@ logits tensor. A pair whose responses share a prompt can be one row (:func:`coll
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -197,6 +198,17 @@ def sequence_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return sums, lengths
 
 
+@contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def score_all(model, items: Sequence[Encoded], *, pad_id: int, batch_size: int, device) -> Tensor:
     """Summed response log-probs of many sequences, in order, without gradients: [len(items)].
@@ -204,18 +216,14 @@ def score_all(model, items: Sequence[Encoded], *, pad_id: int, batch_size: int, 
     Where every response is one token and prompts repeat (paraphrase: " yes" and " no" after
     each prompt), each distinct prompt is run once (:func:`_score_single_tokens`).
     """
-    was_training = model.training
-    model.eval()
-    if items and all(e.n_response == 1 for e in items) and len({e.ids[:-1] for e in items}) < len(items):
-        scores = _score_single_tokens(model, items, pad_id=pad_id, batch_size=batch_size, device=device)
-    else:
+    with eval_mode(model):
+        if items and all(e.n_response == 1 for e in items) and len({e.ids[:-1] for e in items}) < len(items):
+            return _score_single_tokens(model, items, pad_id=pad_id, batch_size=batch_size, device=device)
         # Sorting by length wastes less compute on padding; results are put back in order.
         order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
         batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-        scores = _in_original_order([sequence_logps(model, collate([items[i] for i in idx], pad_id, device))[0]
-                                     for idx in batches], order)
-    model.train(was_training)
-    return scores
+        return _in_original_order([sequence_logps(model, collate([items[i] for i in idx], pad_id, device))[0]
+                                   for idx in batches], order)
 
 
 @torch.no_grad()
@@ -229,20 +237,18 @@ def score_pairs(model, chosen: Sequence[Encoded], rejected: Sequence[Encoded], *
     if chosen and all(e.n_response == 1 for e in (*chosen, *rejected)):  # one forward per prompt, none per answer
         scores = score_all(model, [*chosen, *rejected], pad_id=pad_id, batch_size=batch_size, device=device)
         return scores[:len(chosen)], scores[len(chosen):]
-    was_training = model.training
-    model.eval()
     hidden_size = getattr(model.config, "hidden_size", None)
     order = sorted(range(len(chosen)), key=lambda i: max(len(chosen[i].ids), len(rejected[i].ids)))
     step = max(1, batch_size // 2)
     out_chosen, out_rejected = [], []
-    for start in range(0, len(order), step):
-        idx = order[start:start + step]
-        batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, device,
-                              hidden_size=hidden_size)
-        chosen_logps, rejected_logps = sequence_logps(model, batch)[0].chunk(2)  # rows: [chosen; rejected]
-        out_chosen.append(chosen_logps)
-        out_rejected.append(rejected_logps)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), step):
+            idx = order[start:start + step]
+            batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, device,
+                                  hidden_size=hidden_size)
+            chosen_logps, rejected_logps = sequence_logps(model, batch)[0].chunk(2)  # rows: [chosen; rejected]
+            out_chosen.append(chosen_logps)
+            out_rejected.append(rejected_logps)
     return _in_original_order(out_chosen, order), _in_original_order(out_rejected, order)
 
 

@@ -15,7 +15,8 @@ import torch
 from prefnb import data as data_lib
 from prefnb import evaluate, models
 from prefnb.cache import cache_key, cached
-from prefnb.logprobs import Encoded, collate_pairs, encode, score_pairs, sequence_logps, start_token_id, to_device
+from prefnb.logprobs import (Encoded, collate_pairs, encode, eval_mode, score_pairs, sequence_logps, start_token_id,
+                             to_device)
 from prefnb.session import RunContext, Session
 
 log = logging.getLogger(__name__)
@@ -155,19 +156,16 @@ def batch_reference_logps(run: RunContext, rows, batches: list[list[int]], *, wi
 
     @torch.no_grad()
     def compute():
-        ref_model = load()
-        was_training = ref_model.training
-        ref_model.eval()
         out = {name: torch.empty(shape) for name in names}
-        for m, batch in enumerate(batches):
-            for prefix, kl in (("", False), ("kl_", True)) if with_mismatched else (("", False),):
-                chosen, rejected = batch_encodings(run.encoders, rows, batch, prior=kind == "prior", kl=kl)
-                collated = to_device(collate_pairs(chosen, rejected, run.tokenizer.pad_token_id,
-                                                   hidden_size=run.hidden_size), run.device)
-                with run.accelerator.autocast():
-                    logps, _ = sequence_logps(ref_model, collated)
-                out[prefix + "chosen"][m], out[prefix + "rejected"][m] = logps.float().cpu().chunk(2)
-        ref_model.train(was_training)
+        with eval_mode(load()) as ref_model:
+            for m, batch in enumerate(batches):
+                for prefix, kl in (("", False), ("kl_", True)) if with_mismatched else (("", False),):
+                    chosen, rejected = batch_encodings(run.encoders, rows, batch, prior=kind == "prior", kl=kl)
+                    collated = to_device(collate_pairs(chosen, rejected, run.tokenizer.pad_token_id,
+                                                       hidden_size=run.hidden_size), run.device)
+                    with run.accelerator.autocast():
+                        logps, _ = sequence_logps(ref_model, collated)
+                    out[prefix + "chosen"][m], out[prefix + "rejected"][m] = logps.float().cpu().chunk(2)
         return out
 
     value, hit = cached(run.cache_dir, "batch_reference_logps", key, compute)

@@ -281,6 +281,7 @@ def readme_section(results: Path) -> str:
     """The README's findings section, generated from ``results/laptop/`` (or from its absence)."""
     from prefnb.experiments import EXPERIMENTS, FULL_GRIDS
     from prefnb.metrics import TASK_METRIC
+    from prefnb.tables import markdown_table
 
     folder = results / README_PROFILE
     lines = ["## Findings", ""]
@@ -309,9 +310,7 @@ def readme_section(results: Path) -> str:
         "(the paper's findings table, `@tbl-findings`; the paper itself is `"
         f"{RESULTS}/{README_PROFILE}/{PAPER}/index.html`).", ""]
     if len(rows):
-        lines += ["| " + " | ".join(rows.columns) + " |", "|" + "|".join("---" for _ in rows.columns) + "|"]
-        lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |"
-                  for row in rows.itertuples(index=False)]
+        lines += markdown_table(rows).splitlines()
     else:
         lines += ["The published findings table has no rows: no comparison could be made from these runs."]
     lines += ["", "Reproduce them on a laptop (`prefnb verify " + f"{RESULTS}/{README_PROFILE}` then checks the "

@@ -164,9 +164,9 @@ def conditions(df: pd.DataFrame) -> dict[str, bool]:
     ran = set(df["experiment"]) if len(df) else set()
     q1 = runs_of(df, *Q1_EXPERIMENTS)
     meta = {f"ran_{exp}": exp in ran for exp in EXPERIMENTS if exp != "00_baselines"}
+    meta["ran_every_experiment"] = all(meta.values())  # the experiments only, as the abstract's left_out says
     meta.update({f"ran_q1_{task}": bool(len(matching(q1, task=task))) for task in TASK_METRIC})
     meta["ran_lora_and_fft"] = bool(len(q1)) and bool((q1["lora_r"] > 0).any() and (q1["lora_r"] == 0).any())
-    meta["ran_every_experiment"] = all(meta.values())
     return meta
 
 
@@ -192,8 +192,9 @@ def _scope(df: pd.DataFrame, design: dict[str, Any], meta: dict[str, bool]) -> t
                   "experiment." if left else "This version runs every experiment of the study.")
 
 
-def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
-    """Every number the paper's text quotes; each key exists whatever runs there are."""
+def numbers(df: pd.DataFrame, effect_numbers: dict, meta: dict[str, bool]) -> dict[str, Any]:
+    """Every number the paper's text quotes; each key exists whatever runs there are (``meta``:
+    :func:`conditions` of ``df``)."""
     profile = profile_of(df)
     seeds = sorted(int(s) for s in df["seed"].dropna().unique()) if len(df) else []
 
@@ -209,7 +210,8 @@ def numbers(df: pd.DataFrame, effect_numbers: dict) -> dict[str, Any]:
         "effects": effect_numbers,
         "design": _design(df),
     }
-    n["design"]["scope"], n["design"]["left_out"] = _scope(df, n["design"], conditions(df))
+    n["design"]["scope"], n["design"]["left_out"] = _scope(df, n["design"], meta)
+    n["design"]["full_grids"] = FULL_GRIDS  # the profiles that run every experiment, as the paper names them
     for task in TASK_METRIC:
         metric, spec = _metric_spec("test_quality", task)
         n[task] = {"metric": metric, "selection_metric": _metric_spec("eval_quality", task)[0]}
@@ -287,13 +289,14 @@ def build_text_artifacts(df: pd.DataFrame) -> dict[str, str]:
         eff, "tbl-effects", "Paired effects on the test split", ": mean difference in the task metric (pairs share "
         "task, fine-tuning and seed; pairs of one seed averaged first), 95% t-interval over seeds",
         "No paired runs for the effect sizes (they need 01_sft with 02_dpo or 03_staged).")
-    nums = numbers(df, eff_numbers)
+    meta = conditions(df)  # the paper's when-meta conditions, and the abstract's scope
+    nums = numbers(df, eff_numbers, meta)
     nums["runs"]["other"] = other
     nums["findings"] = found_numbers
     files["numbers.json"] = json.dumps(nums, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     files["_variables.yml"] = yaml.safe_dump(nums, sort_keys=True, allow_unicode=True)
     files["profile.md"] = _profile_block(nums)
-    files["metadata.yml"] = yaml.safe_dump(conditions(df), sort_keys=True)
+    files["metadata.yml"] = yaml.safe_dump(meta, sort_keys=True)
     return files
 
 

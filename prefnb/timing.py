@@ -56,7 +56,7 @@ class StepClock:
         return timing_warmup_steps(self.max_steps)
 
     def wants_mark(self, step: int) -> bool:
-        """Whether `step_done(step, ...)` will sync: callers can skip computing its units otherwise."""
+        """Whether `step_done(step, ...)` syncs the device (step 1, and the end of the warm-up)."""
         return step == 1 or step == self.warmup_steps
 
     def step_done(self, step: int, units=None) -> None:
@@ -64,7 +64,7 @@ class StepClock:
         far, a number or a device scalar) is read only at marks."""
         if not self.wants_mark(step):
             return
-        mark = self._mark(step, units)
+        mark = self._mark(step, units if step == self.warmup_steps else None)  # units are read at warm-up only
         if step == 1:
             self.first_step_seconds = mark.at - self.started
         if step == self.warmup_steps:

@@ -196,16 +196,22 @@ class RunState:
     n_since_log: int = 0
     tokens_seen: torch.Tensor | None = None    # device scalars: read at log steps only
     first_bad_step: torch.Tensor | None = None  # the first step with a non-finite loss, -1 while none
-    history_path: Path = field(init=False)
-    state_path: Path = field(init=False)
-    main: bool = field(init=False)  # the main process: the one that writes files
 
     def __post_init__(self):
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=self.run.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.run.device)
-        self.history_path = self.run.out_dir / "history.jsonl"
-        self.state_path = self.run.out_dir / STATE_DIR / "state.pt"
-        self.main = self.run.accelerator.is_main_process
+
+    @property
+    def history_path(self) -> Path:
+        return self.run.out_dir / "history.jsonl"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run.out_dir / STATE_DIR / "state.pt"
+
+    @property
+    def main(self) -> bool:  # the main process: the one that writes files
+        return self.run.accelerator.is_main_process
 
     def append_history(self, row: dict) -> None:
         with self.history_path.open("a") as fh:

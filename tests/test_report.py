@@ -319,3 +319,16 @@ def test_one_metrics_table_a_jsonl_sft_run_is_selected_and_summed_up_on_its_nll(
     assert best_cell(df, ["learning_rate"], ".2f")["selection"] == "1.20"  # the lower NLL wins
     assert is_better("eval/loss", 1.0, 2.0) and not is_better("eval/accuracy", 0.5, 0.6)
     assert is_better("train/seconds", 1.0, 2.0) and spec("test/chrf").format == ".1f"
+
+
+def test_every_experiment_ran_even_where_question_1_is_lora_only_on_one_task():
+    """`ran_every_experiment` (the paper's "runs every experiment" text) is about the experiments;
+    which tasks or fine-tuning methods question 1 covered are conditions of their own."""
+    import pandas as pd
+
+    from prefnb.experiments import EXPERIMENTS
+    from prefnb.report import conditions
+
+    df = pd.DataFrame([{"experiment": exp, "task": "sonnets", "lora_r": 16} for exp in EXPERIMENTS])
+    meta = conditions(df)
+    assert meta["ran_every_experiment"] and not meta["ran_lora_and_fft"] and not meta["ran_q1_paraphrase"]
